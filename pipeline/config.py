@@ -1,0 +1,84 @@
+"""Loading a job spec: YAML file + ``--set key.path=value`` overrides → a validated ``JobSpec``.
+
+Every problem is reported with its key path (``sampler.steps: Input should be less than or equal to 200``)
+before anything launches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.errors import SpecError
+from pipeline.storage import open_input
+from schemas.spec import JobSpec
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a", "b", "c"], value); the value is read as YAML (so 8 is an int, true a bool)."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise SpecError(f"--set {text!r}: empty key in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {key}: value is not valid YAML: {exc}") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def load_spec_data(path: str) -> dict[str, Any]:
+    try:
+        with open_input(path, "rt") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"spec {path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec {path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"spec {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> JobSpec:
+    """Read, override and validate a spec. Raises ``SpecError`` carrying every problem."""
+    data = dict(base or {})
+    if path is not None:
+        data.update(load_spec_data(path))
+    data = apply_overrides(data, list(overrides))
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"spec {path or '(embedded)'} is invalid", problems=format_errors(err)) from None

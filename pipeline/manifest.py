@@ -1,0 +1,194 @@
+"""Manifest reading: a Parquet file at any fsspec URL, streamed batch by batch, rows validated and expanded.
+
+``read_rows`` never holds the whole manifest: it yields pyarrow record batches converted row by row.
+``ManifestPlanner`` turns raw rows into items (row x sample) with deterministic ids, and bad rows into
+``rejected`` items carrying every reason, so a bad row never crashes a job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ManifestError
+from pipeline.identity import derived_seed, item_id, rejected_item_id
+from pipeline.storage import open_input
+from schemas.limits import LIMITS
+from schemas.manifest import ManifestRow, parse_row
+from schemas.record import Item
+from schemas.spec import JobSpec
+
+READ_BATCH_ROWS = 4096
+
+
+def read_rows(url: str, batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (row_number, raw row) for every manifest row; row numbers start at 1.
+
+    A missing, corrupt or truncated file raises ``ManifestError`` naming it.
+    """
+    try:
+        f = open_input(url).open()
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {url}: no such file") from None
+    except Exception as exc:  # fsspec raises many types for bad URLs / missing backends
+        raise ManifestError(f"manifest {url}: cannot open: {type(exc).__name__}: {exc}") from None
+    try:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"manifest {url}: not a readable Parquet file (corrupt or truncated?): {exc}") from None
+        names = pf.schema_arrow.names
+        if "prompt_id" not in names or "prompt" not in names:
+            missing = [c for c in ("prompt_id", "prompt") if c not in names]
+            raise ManifestError(f"manifest {url}: missing required column(s) {', '.join(missing)}; has {names}")
+        row_number = 0
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                for raw in batch.to_pylist():
+                    row_number += 1
+                    yield row_number, raw
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(
+                f"manifest {url}: unreadable after row {row_number} (corrupt or truncated?): {exc}"
+            ) from None
+    finally:
+        f.close()
+
+
+def manifest_row_count(url: str) -> int | None:
+    """Row count from the Parquet footer (no data read), or None when the file is unreadable."""
+    try:
+        with open_input(url) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except Exception:
+        return None
+
+
+@dataclass
+class RowOutcome:
+    """What became of one manifest row: its items (pending or rejected) and, if rejected, why."""
+
+    row_number: int
+    prompt_id: str
+    items: list[Item]
+    problems: list[str] = field(default_factory=list)
+
+
+class ManifestPlanner:
+    """Validates rows, rejects duplicates, expands rows into items with ids and seeds."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        # prompt_id → row number of its first occurrence. A set of ids is the one thing that grows with the
+        # manifest (about 100 bytes a row); everything else streams.
+        self._first_seen: dict[str, int] = {}
+
+    def plan_row(self, row_number: int, raw: dict[str, Any]) -> RowOutcome:
+        parsed = parse_row(raw, self.spec.row_overrides)
+        raw_id = raw.get("prompt_id")
+        shown_id = raw_id if isinstance(raw_id, str) else repr(raw_id)
+        if isinstance(parsed, list):
+            return self._reject(row_number, raw, shown_id, parsed)
+        first = self._first_seen.get(parsed.prompt_id)
+        if first is not None:
+            return self._reject(
+                row_number, raw, shown_id, [f"prompt_id: duplicate of row {first} (prompt_id {parsed.prompt_id!r})"]
+            )
+        self._first_seen[parsed.prompt_id] = row_number
+        return RowOutcome(row_number, parsed.prompt_id, self._expand(row_number, parsed))
+
+    def _expand(self, row_number: int, row: ManifestRow) -> list[Item]:
+        spec = self.spec
+        lora = [lo.model_dump() for lo in (row.lora if row.lora is not None else spec.model.lora)]
+        params = {
+            "prompt": row.prompt,
+            "negative_prompt": row.negative_prompt,
+            "model": spec.model.id,
+            "model_revision": spec.model.revision,
+            "lora": lora,
+            "sampler": row.sampler or spec.sampler.name,
+            "steps": row.steps or spec.sampler.steps,
+            "guidance_scale": float(row.guidance_scale if row.guidance_scale is not None else spec.sampler.guidance_scale),
+            "width": row.width or spec.image.width,
+            "height": row.height or spec.image.height,
+            "format": spec.image.format,
+            "row_seed": row.seed,
+        }
+        items = []
+        for k in range(row.num_images or spec.image.images_per_prompt):
+            iid = item_id(spec.name, row.prompt_id, k, params)
+            if row.seed is not None:
+                seed, source = (row.seed + k) % (LIMITS.max_seed + 1), "row"
+            else:
+                seed, source = derived_seed(iid), "derived"
+            items.append(
+                Item(
+                    item_id=iid,
+                    job=spec.name,
+                    prompt_id=row.prompt_id,
+                    sample_index=k,
+                    row_number=row_number,
+                    prompt=row.prompt,
+                    negative_prompt=row.negative_prompt,
+                    seed=seed,
+                    seed_source=source,
+                    model=spec.model.id,
+                    model_revision=spec.model.revision,
+                    lora=lora,
+                    sampler=params["sampler"],
+                    steps=params["steps"],
+                    guidance_scale=params["guidance_scale"],
+                    width=params["width"],
+                    height=params["height"],
+                    format=spec.image.format,
+                    campaign=row.campaign,
+                    sku=row.sku,
+                    locale=row.locale,
+                    tags=list(row.tags),
+                    metadata=dict(row.metadata),
+                )
+            )
+        return items
+
+    def _reject(self, row_number: int, raw: dict[str, Any], shown_id: str, problems: list[str]) -> RowOutcome:
+        spec = self.spec
+        n = raw.get("num_images")
+        count = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= LIMITS.max_images_per_prompt else None
+        count = count or spec.image.images_per_prompt
+        prompt = raw.get("prompt")
+        items = []
+        for k in range(count):
+            item = Item(
+                item_id=rejected_item_id(spec.name, row_number, k),
+                job=spec.name,
+                # Stored as data only (never used in a path); truncated so a 100k-char id cannot bloat the log.
+                prompt_id=str(shown_id)[: LIMITS.max_prompt_id_chars * 2],
+                sample_index=k,
+                row_number=row_number,
+                prompt=prompt[: LIMITS.max_prompt_chars] if isinstance(prompt, str) else "",
+                model=spec.model.id,
+                sampler=spec.sampler.name,
+                steps=spec.sampler.steps,
+                guidance_scale=spec.sampler.guidance_scale,
+                width=spec.image.width,
+                height=spec.image.height,
+                format=spec.image.format,
+                metadata={"prompt_truncated": isinstance(prompt, str) and len(prompt) > LIMITS.max_prompt_chars},
+                **{k: raw[k][:256] for k in ("campaign", "sku", "locale") if isinstance(raw.get(k), str)},
+            )
+            for p in problems:
+                field_name = p.split(":", 1)[0]
+                item.reject("invalid_row", p, field=field_name)
+            items.append(item)
+        return RowOutcome(row_number, str(shown_id), items, problems)
+
+
+def plan_manifest(spec: JobSpec) -> Iterator[RowOutcome]:
+    """Every row of the spec's manifest, validated and expanded, in manifest order."""
+    planner = ManifestPlanner(spec)
+    for row_number, raw in read_rows(spec.manifest):
+        yield planner.plan_row(row_number, raw)

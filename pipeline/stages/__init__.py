@@ -1,0 +1,1 @@
+"""Stages: small classes with a name, resources, ``setup()`` and one batch method."""

@@ -1,0 +1,115 @@
+"""ImageWriter: encodes generated pixels, embeds the generation metadata, stores the image atomically.
+
+Keys are deterministic (``images/{prompt_id}/{prompt_id}-{sample:04d}-{item_id[:8]}.{ext}``) so a retried
+or resumed write lands on the same object instead of creating a second one. The sha256 of the exact bytes
+stored is recorded on the item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+
+from PIL import Image, PngImagePlugin
+
+from pipeline.stages.base import Resources, Stage
+from pipeline.storage import Storage
+from schemas.record import Item
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+PUBLIC_PREFIX = "images"
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+
+
+def image_key(item: Item, prefix: str = PUBLIC_PREFIX) -> str:
+    """Where an item's image lives, relative to the job root. ``prompt_id`` was validated as path-safe."""
+    ext = EXTENSIONS[item.format]
+    return f"{prefix}/{item.prompt_id}/{item.prompt_id}-{item.sample_index:04d}-{item.item_id[:8]}.{ext}"
+
+
+def generation_metadata(item: Item) -> dict[str, object]:
+    return {
+        "item_id": item.item_id,
+        "job": item.job,
+        "prompt_id": item.prompt_id,
+        "sample_index": item.sample_index,
+        "prompt": item.prompt,
+        "negative_prompt": item.negative_prompt or "",
+        "seed": item.seed,
+        "model": item.model,
+        "model_revision": item.model_revision,
+        "lora": item.lora,
+        "sampler": item.sampler,
+        "steps": item.steps,
+        "guidance_scale": item.guidance_scale,
+        "width": item.width,
+        "height": item.height,
+    }
+
+
+def encode_image(item: Item, quality: int = 95) -> bytes:
+    """Encode ``item.pixels`` in the item's format with the generation metadata embedded."""
+    img = Image.fromarray(item.pixels, mode="RGB")
+    meta = generation_metadata(item)
+    buf = io.BytesIO()
+    if item.format == "png":
+        info = PngImagePlugin.PngInfo()
+        for key, value in meta.items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            info.add_itxt(key, "" if text is None else text)
+        info.add_itxt("genpipe", json.dumps(meta, sort_keys=True))
+        img.save(buf, format="PNG", pnginfo=info)
+    else:
+        exif = Image.Exif()
+        exif[_EXIF_IMAGE_DESCRIPTION] = json.dumps(meta, sort_keys=True)
+        kind = "JPEG" if item.format == "jpeg" else "WEBP"
+        img.save(buf, format=kind, quality=quality, exif=exif)
+    return buf.getvalue()
+
+
+def read_embedded_metadata(data: bytes) -> dict[str, object]:
+    """The generation metadata embedded by ``encode_image``."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "PNG":
+        return json.loads(img.text["genpipe"])
+    return json.loads(img.getexif()[_EXIF_IMAGE_DESCRIPTION])
+
+
+class ImageWriter(Stage):
+    """Writes each pending item's pixels under the job root and marks it ``generated``."""
+
+    name = "write"
+
+    def __init__(self, job_root: str, quality: int = 95, resources: Resources | None = None) -> None:
+        self.job_root = job_root
+        self.quality = quality
+        self.resources = resources or Resources(num_cpus=0.25, stateful=False)
+        self._storage: Storage | None = None
+
+    def setup(self) -> None:
+        self._storage = Storage(self.job_root)
+
+    def process(self, items: list[Item]) -> list[Item]:
+        if self._storage is None:
+            self.setup()
+        for item in items:
+            if item.status != "pending":
+                continue
+            if item.pixels is None:
+                item.fail(RuntimeError("no pixels reached the writer"), self.name)
+                continue
+            start = time.perf_counter()
+            try:
+                data = encode_image(item, self.quality)
+                key = image_key(item)
+                item.image_uri = self._storage.write_atomic(key, data)
+                item.image_sha256 = hashlib.sha256(data).hexdigest()
+                item.status = "generated"
+            except Exception as exc:  # recorded on the item; the batch goes on
+                item.fail(exc, self.name)
+            finally:
+                item.pixels = None
+                item.timings["write_s"] = round(time.perf_counter() - start, 6)
+        return items

@@ -1,0 +1,49 @@
+"""Shared test set-up: offline hub, a per-session tiny-model cache, helpers to write manifests and specs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+
+def write_manifest(path, rows: list[dict], schema: pa.Schema | None = None) -> str:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def make_spec(tmp_path):
+    """Write a spec YAML for a small local job and return its path; keyword args override top-level keys."""
+
+    def _make(rows: list[dict] | None = None, **overrides) -> str:
+        manifest = overrides.pop("manifest", None)
+        if manifest is None:
+            manifest = write_manifest(tmp_path / "manifest.parquet", rows or [])
+        data = {
+            "name": "test-job",
+            "manifest": manifest,
+            "output": str(tmp_path / "out"),
+            "executor": "local",
+            "sampler": {"name": "euler", "steps": 4, "guidance_scale": 5.0},
+            "image": {"width": 32, "height": 32},
+            "resources": {"batch_size": 4},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    return _make
