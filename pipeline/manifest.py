@@ -112,7 +112,9 @@ class ManifestPlanner:
             "lora": lora,
             "sampler": row.sampler or spec.sampler.name,
             "steps": row.steps or spec.sampler.steps,
-            "guidance_scale": float(row.guidance_scale if row.guidance_scale is not None else spec.sampler.guidance_scale),
+            "guidance_scale": float(
+                row.guidance_scale if row.guidance_scale is not None else spec.sampler.guidance_scale
+            ),
             "width": row.width or spec.image.width,
             "height": row.height or spec.image.height,
             "format": spec.image.format,
@@ -160,13 +162,14 @@ class ManifestPlanner:
         count = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= LIMITS.max_images_per_prompt else None
         count = count or spec.image.images_per_prompt
         prompt = raw.get("prompt")
+        prompt = prompt.replace("\x00", "\ufffd") if isinstance(prompt, str) else prompt
         items = []
         for k in range(count):
             item = Item(
                 item_id=rejected_item_id(spec.name, row_number, k),
                 job=spec.name,
                 # Stored as data only (never used in a path); truncated so a 100k-char id cannot bloat the log.
-                prompt_id=str(shown_id)[: LIMITS.max_prompt_id_chars * 2],
+                prompt_id=str(shown_id)[: LIMITS.max_prompt_id_chars * 2].replace("\x00", "\ufffd"),
                 sample_index=k,
                 row_number=row_number,
                 prompt=prompt[: LIMITS.max_prompt_chars] if isinstance(prompt, str) else "",
@@ -178,7 +181,11 @@ class ManifestPlanner:
                 height=spec.image.height,
                 format=spec.image.format,
                 metadata={"prompt_truncated": isinstance(prompt, str) and len(prompt) > LIMITS.max_prompt_chars},
-                **{k: raw[k][:256] for k in ("campaign", "sku", "locale") if isinstance(raw.get(k), str)},
+                **{
+                    k: raw[k][:256].replace("\x00", "\ufffd")
+                    for k in ("campaign", "sku", "locale")
+                    if isinstance(raw.get(k), str)
+                },
             )
             for p in problems:
                 field_name = p.split(":", 1)[0]

@@ -123,9 +123,16 @@ def parse_row(raw: dict[str, Any], allowed_overrides: tuple[str, ...] = OVERRIDE
                 continue
             data[key] = value
         else:
-            metadata[key] = value
+            # JSON has no NaN; a missing value in a pass-through column is recorded as null.
+            metadata[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    for key, value in raw.items():
+        # Control characters have no place in prompts or labels, and NUL cannot be stored in PostgreSQL.
+        if isinstance(value, str) and "\x00" in value:
+            problems.append(f"{key}: contains a NUL character")
+            data.pop(key, None)
+            metadata.pop(key, None)
     for required in ("prompt_id", "prompt"):
-        if required not in data:
+        if required not in data and not any(p.startswith(f"{required}:") for p in problems):
             problems.append(f"{required}: missing")
     for text in ("prompt_id", "prompt", "negative_prompt", "sampler", "campaign", "sku", "locale"):
         if text in data and not isinstance(data[text], str):

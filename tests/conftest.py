@@ -47,3 +47,4 @@ def make_spec(tmp_path):
         return str(path)
 
     return _make
+pytest_plugins = ["tests.pg"]

@@ -4,6 +4,7 @@ into items with deterministic ids and recorded seeds."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -55,6 +56,8 @@ def _spec(**kw):
         ({"prompt_id": 7, "prompt": "x"}, "prompt_id: must be text, got int"),
         ({"prompt_id": "p", "prompt": "x", "num_images": 0}, "num_images: Input should be greater than or equal"),
         ({"prompt_id": "p", "prompt": "x", "tags": "a,b"}, "tags: must be a list of strings"),
+        ({"prompt_id": "p", "prompt": "a\x00b"}, "prompt: contains a NUL character"),
+        ({"prompt_id": "p\x00", "prompt": "x"}, "prompt_id: contains a NUL character"),
     ],
 )
 def test_bad_rows_are_rejected_with_a_reason(row, reason):
@@ -71,8 +74,8 @@ def test_bad_rows_are_rejected_with_a_reason(row, reason):
 
 
 def test_good_row_with_overrides_and_pass_through_columns():
-    row = {**GOOD, "seed": 10, "num_images": 3, "width": 48, "steps": 7, "guidance_scale": 0.0,
-           "sampler": "ddim", "campaign": "spring", "tags": ["a"], "brief_owner": "me", "seed_float": 1.0}  # fmt: skip
+    row = {**GOOD, "seed": 10, "num_images": 3, "width": 48, "steps": 7, "guidance_scale": 0.0, "sampler": "ddim",
+           "campaign": "spring", "tags": ["a"], "brief_owner": "me", "seed_float": 1.0, "price": math.nan}  # fmt: skip
     outcome = ManifestPlanner(_spec()).plan_row(1, row)
     assert outcome.problems == []
     items = outcome.items
@@ -81,7 +84,7 @@ def test_good_row_with_overrides_and_pass_through_columns():
     it = items[0]
     assert (it.width, it.height, it.steps, it.guidance_scale, it.sampler) == (48, 64, 7, 0.0, "ddim")
     assert it.campaign == "spring" and it.tags == ["a"]
-    assert it.metadata == {"brief_owner": "me", "seed_float": 1.0}
+    assert it.metadata == {"brief_owner": "me", "seed_float": 1.0, "price": None}
     assert all(i.status == "pending" for i in items)
 
 
@@ -145,7 +148,7 @@ def test_missing_corrupt_and_truncated_manifests_are_named(tmp_path):
     with pytest.raises(ManifestError, match=r"junk\.parquet: not a readable Parquet file"):
         list(read_rows(str(junk)))
     good = write_manifest(tmp_path / "good.parquet", [GOOD] * 10)
-    data = open(good, "rb").read()
+    data = Path(good).read_bytes()
     truncated = tmp_path / "truncated.parquet"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ManifestError, match=r"truncated\.parquet: not a readable Parquet file"):

@@ -56,7 +56,7 @@ def rows() -> list[dict]:
                     "tags": ["packshot"], "brief_owner": "ecommerce-us"})  # fmt: skip
         if i < 4:
             out[-1]["seed"] = 2000 + i
-    for i, (pid, prompt) in enumerate(HOLIDAY):
+    for pid, prompt in HOLIDAY:
         out.append({"prompt_id": pid, "prompt": prompt, "campaign": "holiday-teaser", "locale": "de-DE",
                     "tags": ["holiday"], "brief_owner": "brand"})  # fmt: skip
     # Per-row overrides of the spec.

@@ -1,0 +1,164 @@
+"""The audit DB schema: every table the audit log has, in one module (migrations will live alongside it).
+
+Columns mirror the fields of ``schemas.record.Item`` one to one, with the same names at the table
+level (``Item.metadata`` is the ORM attribute ``ItemRow.meta``, because ``metadata`` is reserved on
+declarative classes, but the column and its Core key are both ``metadata``).
+Timestamps come from the database clock and are stored and returned as UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import FunctionElement
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend. SQLite has no time zones, so values are stored as
+    naive UTC there and given their UTC tzinfo back when read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: audit timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class utcnow(FunctionElement):  # noqa: N801 - reads as the SQL function it renders to
+    """The database clock in UTC, with sub-second precision where the backend has it."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow, "postgresql")
+def _utcnow_postgresql(element: utcnow, compiler: Any, **kw: Any) -> str:
+    return "now()"  # timestamptz: an absolute instant, returned in UTC by UTCDateTime
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element: utcnow, compiler: Any, **kw: Any) -> str:
+    # CURRENT_TIMESTAMP has whole-second resolution; %f gives milliseconds. Parenthesised so it is a
+    # valid column DEFAULT expression too.
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+
+
+@compiles(utcnow)
+def _utcnow_default(element: utcnow, compiler: Any, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+    }
+
+
+class JobRow(Base):
+    """One row per job name; a rerun with the same name is the same job."""
+
+    __tablename__ = "jobs"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=utcnow())
+    updated_at: Mapped[datetime] = mapped_column(server_default=utcnow())
+    # The validated spec of the latest run; NULL when items were written before any run began.
+    spec: Mapped[dict[str, Any] | None]
+
+
+class RunRow(Base):
+    """One execution of a job: what ran it (library versions, resolved model) and how it ended."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name"), index=True)
+    started_at: Mapped[datetime] = mapped_column(server_default=utcnow())
+    ended_at: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(String(16))  # running | succeeded | failed
+    versions: Mapped[dict[str, Any]]  # library name -> version
+    model_info: Mapped[dict[str, Any]]  # id, revision, resolved path, weight file sha256s
+    counts: Mapped[dict[str, Any] | None]  # items by status at the end of the run
+    summary: Mapped[dict[str, Any] | None]
+    host: Mapped[str | None] = mapped_column(String(255))
+
+
+class ItemRow(Base):
+    """The audit record of one item (manifest row x sample); ``Item`` fields, plus who wrote it and when."""
+
+    __tablename__ = "items"
+
+    item_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))  # the run that last wrote the item
+    # Manifest-derived text is unbounded: a rejected row's fields are whatever the manifest held, and the
+    # record of a bad row must never fail to insert.
+    prompt_id: Mapped[str] = mapped_column(String)
+    sample_index: Mapped[int]
+    row_number: Mapped[int]
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    seed: Mapped[int | None] = mapped_column(BigInteger)  # up to 2**63 - 1
+    seed_source: Mapped[str | None] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String)
+    model_revision: Mapped[str | None] = mapped_column(String)
+    lora: Mapped[list[Any]]
+    sampler: Mapped[str] = mapped_column(String(64))
+    steps: Mapped[int]
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    width: Mapped[int]
+    height: Mapped[int]
+    format: Mapped[str] = mapped_column(String(16))
+    campaign: Mapped[str | None] = mapped_column(String, index=True)
+    sku: Mapped[str | None] = mapped_column(String)
+    locale: Mapped[str | None] = mapped_column(String)
+    tags: Mapped[list[Any]]
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    decision: Mapped[str | None] = mapped_column(String(16))
+    reasons: Mapped[list[Any]]
+    image_uri: Mapped[str | None] = mapped_column(Text)
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    scores: Mapped[dict[str, Any]]
+    timings: Mapped[dict[str, Any]]
+    error: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(server_default=utcnow())  # first write; upserts keep it
+    updated_at: Mapped[datetime] = mapped_column(server_default=utcnow())
+
+    __table_args__ = (
+        Index("ix_items_job_status", "job", "status"),
+        # Serves both "WHERE job = ?" and keyset pages "WHERE job = ? AND item_id > ? ORDER BY item_id",
+        # so the job column needs no single-column index of its own.
+        Index("ix_items_job_item_id", "job", "item_id"),
+    )
+
+
+metadata = Base.metadata

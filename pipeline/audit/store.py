@@ -1,0 +1,384 @@
+"""The audit store: the one place that reads and writes the audit DB (a SQLite file or PostgreSQL).
+
+Writes are idempotent on ``item_id`` (insert, or update every field), one transaction per call, retried
+on transient errors, so reruns, retried batches and many concurrent writer processes never duplicate or
+lose a record. Reads stream in pages and never hold a transaction open between pages.
+
+Open one ``AuditStore`` per process (engines and their pools must not cross a fork); hold it for the
+process's life, and keep every write short: GPU actors never hold a session longer than a batch write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from datetime import datetime
+from typing import Any, TypeVar
+
+import numpy as np
+from sqlalchemy import Connection, create_engine, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, StatementError
+
+from pipeline.audit.schema import ItemRow, JobRow, RunRow, metadata, utcnow
+from schemas.record import Item
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Every persisted ``Item`` field; the ``items`` table has a column of the same name for each.
+ITEM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Item) if f.name != "pixels")
+_SCALAR_FIELDS = tuple(
+    name for name in ITEM_FIELDS if name not in ("lora", "tags", "metadata", "reasons", "scores", "timings")
+)
+RUN_STATUSES = ("running", "succeeded", "failed")
+
+_items = ItemRow.__table__
+_jobs = JobRow.__table__
+_runs = RunRow.__table__
+
+_IN_CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
+_WRITE_TRIES = 8  # with the backoff below: ~5 s of retrying on top of SQLite's own 30 s busy timeout
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SCHEMA_LOCK_ID = 0x67656E70  # "genp": PostgreSQL advisory lock serialising schema creation
+_BEGIN_IMMEDIATE = "genpipe_sqlite_begin_immediate"  # execution option read by the SQLite "begin" hook
+# PostgreSQL SQLSTATEs worth retrying: serialization failure, deadlock; class 08 is a lost connection.
+_PG_RETRY_SQLSTATES = {"40001", "40P01"}
+
+
+class AuditStoreError(RuntimeError):
+    """The audit DB cannot be reached or used; the message names the URL (never its password)."""
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with its password masked, for messages and logs."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        # Unparseable: mask anything that may be user:password@.
+        return re.sub(r"[^\s/@]*@", "***@", url)
+
+
+def _engine_url(url: str) -> URL:
+    """Parse ``url``; plain ``postgresql://`` (and Heroku-style ``postgres://``) use psycopg 3."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` fallback for values a record may carry that JSON does not know."""
+    if isinstance(obj, np.generic | np.ndarray):
+        return obj.tolist()  # numpy scalars/arrays from scorers become plain numbers/lists
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    return str(obj)  # same fallback as the Ray transport (Item.to_row)
+
+
+def _json_dumps(obj: Any) -> str:
+    # JSON has no NaN/Infinity: PostgreSQL rejects them and SQLite would store text no other tool reads,
+    # so both backends refuse them alike (a scorer's NaN must become a reason, not a number).
+    try:
+        return json.dumps(obj, ensure_ascii=False, default=json_default, allow_nan=False)
+    except ValueError:
+        shown = json.dumps(obj, ensure_ascii=False, default=json_default)[:200]
+        raise ValueError(f"NaN or Infinity in a JSON field of an audit record: {shown}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _item_to_row(item: Item, run_id: int | None) -> dict[str, Any]:
+    row = {name: getattr(item, name) for name in ITEM_FIELDS}
+    for name in _SCALAR_FIELDS:  # JSON fields are handled by the serializer
+        value = row[name]
+        if isinstance(value, str):
+            # PostgreSQL text cannot hold NUL; refusing it on SQLite too keeps the backends interchangeable.
+            if "\x00" in value:
+                raise ValueError(
+                    f"item {item.item_id}: {name} contains a NUL (0x00) character, which the audit DB cannot store"
+                )
+        elif isinstance(value, np.generic):
+            row[name] = value.item()  # numpy ints/floats from upstream stages; drivers want Python numbers
+    row["run_id"] = run_id
+    return row
+
+
+def _row_to_item(row: Any) -> Item:
+    m = row._mapping
+    return Item(**{name: m[name] for name in ITEM_FIELDS})
+
+
+class AuditStore:
+    """Jobs, runs and item records in one SQLAlchemy database."""
+
+    def __init__(self, url: str) -> None:
+        self.safe_url = safe_url(url)
+        try:
+            self.url = _engine_url(url)
+        except (ArgumentError, ValueError):
+            raise AuditStoreError(
+                f"audit DB URL {self.safe_url!r} is not a SQLAlchemy URL "
+                "(expected e.g. sqlite:///path/genpipe.db or postgresql://user@host:5432/db)"
+            ) from None
+        self.safe_url = safe_url(self.url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise AuditStoreError(f"audit DB {self.safe_url}: only SQLite and PostgreSQL URLs are supported")
+
+        connect_args: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            self._make_sqlite_dir()
+        elif self.dialect == "postgresql":
+            connect_args["connect_timeout"] = 10  # a dead host fails the run in seconds, not minutes
+        try:
+            self.engine = create_engine(
+                self.url,
+                json_serializer=_json_dumps,
+                pool_pre_ping=self.dialect != "sqlite",  # long runs outlive idle server connections
+                connect_args=connect_args,
+            )
+        except (NoSuchModuleError, ImportError, ArgumentError) as exc:
+            raise AuditStoreError(f"cannot open audit DB {self.safe_url}: {_first_line(exc)}") from None
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine)
+        # Writers on SQLite take the write lock up front (BEGIN IMMEDIATE) so they queue on the busy
+        # timeout instead of failing when a read transaction tries to upgrade.
+        self._writer = self.engine.execution_options(**{_BEGIN_IMMEDIATE: True})
+        try:
+            self._create_schema()
+        except DBAPIError as exc:
+            self.engine.dispose()
+            reason = _first_line(exc)
+            if self.url.password:
+                reason = reason.replace(self.url.password, "***")
+            raise AuditStoreError(f"cannot open audit DB {self.safe_url}: {reason}") from None
+        log.info("audit store: %s", self.safe_url)
+
+    def __repr__(self) -> str:
+        return f"AuditStore({self.safe_url!r})"
+
+    def _make_sqlite_dir(self) -> None:
+        path = self.url.database
+        if not path or path == ":memory:" or path.startswith("file:") or self.url.query.get("mode") == "memory":
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise AuditStoreError(
+                f"cannot open audit DB {self.safe_url}: cannot create directory {directory}: {exc.strerror}"
+            ) from None
+
+    def _create_schema(self) -> None:
+        with self._writer.begin() as conn:
+            if self.dialect == "postgresql":
+                # Several processes may open a fresh database at once; the lock makes one create the tables
+                # while the others wait and then find them. (SQLite gets the same from BEGIN IMMEDIATE.)
+                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
+            # MIGRATIONS: create_all only adds missing tables. When Alembic arrives, this is where the
+            # store runs (or checks) `upgrade head` instead.
+            metadata.create_all(conn)
+
+    # --- transactions ---------------------------------------------------------------------------------
+    def _insert(self, table: Any) -> Any:
+        """The dialect's INSERT, which has ``on_conflict_do_update`` / ``on_conflict_do_nothing``."""
+        return postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
+
+    def _retryable(self, exc: OperationalError) -> bool:
+        if exc.connection_invalidated:
+            return True
+        if self.dialect == "sqlite":
+            text = str(exc.orig).lower()
+            return "locked" in text or "busy" in text
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        return sqlstate in _PG_RETRY_SQLSTATES or sqlstate.startswith("08")
+
+    def _write(self, what: str, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one write transaction, retrying the whole transaction on transient errors."""
+        delay = 0.05
+        for attempt in range(1, _WRITE_TRIES + 1):
+            try:
+                with self._writer.begin() as conn:
+                    return fn(conn)
+            except StatementError as exc:
+                if not isinstance(exc, DBAPIError) and isinstance(exc.orig, ValueError):
+                    raise exc.orig from None  # a value we refused (see _json_dumps): its message says which
+                if not isinstance(exc, OperationalError) or not self._retryable(exc):
+                    raise
+                if attempt == _WRITE_TRIES:
+                    raise AuditStoreError(
+                        f"{what} on {self.safe_url} failed after {attempt} tries: {_first_line(exc)}"
+                    ) from exc
+                log.warning("%s on %s: %s; retry %d", what, self.safe_url, _first_line(exc), attempt)
+                time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: concurrent writers do not retry in step
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    # --- runs -----------------------------------------------------------------------------------------
+    def begin_run(
+        self,
+        job: str,
+        spec: dict[str, Any],
+        versions: dict[str, Any],
+        model_info: dict[str, Any],
+        *,
+        host: str | None = None,
+    ) -> int:
+        """Record the job (with this run's spec) and a new ``running`` run; returns the run id."""
+
+        def tx(conn: Connection) -> int:
+            ins = self._insert(_jobs).values(name=job, spec=spec)
+            conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=[_jobs.c.name], set_={"spec": ins.excluded.spec, "updated_at": utcnow()}
+                )
+            )
+            result = conn.execute(
+                insert(_runs).values(
+                    job=job,
+                    status="running",
+                    versions=versions,
+                    model_info=model_info,
+                    host=host or socket.gethostname(),
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+        return self._write("begin_run", tx)
+
+    def end_run(self, run_id: int, status: str, counts: dict[str, int], summary: dict[str, Any]) -> None:
+        """Close a run with its final status, item counts by status and summary."""
+        if status not in RUN_STATUSES[1:]:
+            raise ValueError(f"end_run status {status!r}: must be one of {', '.join(RUN_STATUSES[1:])}")
+
+        def tx(conn: Connection) -> int:
+            stmt = (
+                update(_runs)
+                .where(_runs.c.id == run_id)
+                .values(status=status, counts=counts, summary=summary, ended_at=utcnow())
+            )
+            return conn.execute(stmt).rowcount
+
+        if self._write("end_run", tx) == 0:
+            raise AuditStoreError(f"end_run: no run with id {run_id} in {self.safe_url}")
+
+    def runs(self, job: str) -> list[dict[str, Any]]:
+        """Every run of ``job``, oldest first, as dicts of the ``runs`` columns."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(_runs).where(_runs.c.job == job).order_by(_runs.c.id))
+            return [dict(r._mapping) for r in rows]
+
+    # --- items ----------------------------------------------------------------------------------------
+    def write_items(self, items: list[Item], run_id: int | None) -> None:
+        """Insert or fully update ``items`` (by ``item_id``) in one transaction; ``pixels`` are never stored.
+
+        A job row is created (with no spec) if the items' job has none yet, so a write never depends on
+        call order. Within one call the last record of an id wins.
+        """
+        if not items:
+            return
+        by_id = {item.item_id: _item_to_row(item, run_id) for item in items}
+        # Sorted: concurrent writers of overlapping ids lock rows in the same order, so they cannot deadlock.
+        rows = [by_id[k] for k in sorted(by_id)]
+        jobs = [{"name": j} for j in sorted({r["job"] for r in rows})]
+
+        ins = self._insert(_items)
+        updated = {c.key: ins.excluded[c.key] for c in _items.c if c.key not in ("item_id", "created_at")}
+        upsert = ins.on_conflict_do_update(index_elements=[_items.c.item_id], set_={**updated, "updated_at": utcnow()})
+        new_jobs = self._insert(_jobs).on_conflict_do_nothing(index_elements=[_jobs.c.name])
+
+        def tx(conn: Connection) -> None:
+            conn.execute(new_jobs, jobs)
+            conn.execute(upsert, rows)  # executemany: one prepared statement, every row
+
+        self._write("write_items", tx)
+
+    def get_items(self, item_ids: list[str]) -> dict[str, Item]:
+        """The stored records of ``item_ids`` by id; ids with no record are absent."""
+        ids = list(dict.fromkeys(item_ids))
+        found: dict[str, Item] = {}
+        cols = [_items.c[name] for name in ITEM_FIELDS]
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                for row in conn.execute(select(*cols).where(_items.c.item_id.in_(chunk))):
+                    found[row.item_id] = _row_to_item(row)
+        return found
+
+    def iter_records(self, job: str, batch: int = 1000) -> Iterator[tuple[Item, datetime]]:
+        """Every record of ``job`` with its ``created_at``, ordered by ``item_id``, streamed ``batch`` at a time.
+
+        Keyset pages (``item_id > last``) each in their own short read, so memory stays flat in job size
+        and no transaction is held while the caller works; a record written during the iteration appears
+        if its id sorts after the current page.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        cols = [_items.c[name] for name in ITEM_FIELDS] + [_items.c.created_at]
+        last: str | None = None
+        while True:
+            query = select(*cols).where(_items.c.job == job).order_by(_items.c.item_id).limit(batch)
+            if last is not None:
+                query = query.where(_items.c.item_id > last)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            for row in rows:
+                yield _row_to_item(row), row.created_at
+            if len(rows) < batch:
+                return
+            last = rows[-1].item_id
+
+    def iter_items(self, job: str, batch: int = 1000) -> Iterator[Item]:
+        """Every record of ``job`` ordered by ``item_id``; see ``iter_records``."""
+        for item, _ in self.iter_records(job, batch):
+            yield item
+
+    def counts(self, job: str) -> dict[str, int]:
+        """Number of records of ``job`` by status (statuses with no records are absent)."""
+        query = select(_items.c.status, func.count()).where(_items.c.job == job).group_by(_items.c.status)
+        with self.engine.connect() as conn:
+            return {status: int(n) for status, n in conn.execute(query)}
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
+
+def _configure_sqlite(engine: Any) -> None:
+    """Per-connection SQLite settings, and SQLAlchemy (not the sqlite3 module) in charge of BEGIN."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # sqlite3's legacy mode would skip BEGIN before SELECT/DDL; the "begin" hook below emits it instead.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")  # first: the WAL switch may wait
+        cur.execute("PRAGMA journal_mode = WAL")  # readers never block the writer, nor it them
+        cur.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL stays consistent on crash
+        cur.execute("PRAGMA foreign_keys = ON")  # same integrity as PostgreSQL
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_BEGIN_IMMEDIATE) else "BEGIN")
