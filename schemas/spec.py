@@ -115,6 +115,12 @@ class ResourcesSpec(_Strict):
     )
     batch_size: int = Field(4, ge=1, le=256, description="Images per generator call.")
     scorer_gpu_fraction: float = Field(0.25, ge=0.0, le=1.0, description="GPU share of each scorer actor.")
+    batch_invariant: bool = Field(
+        True,
+        description="One pipeline call per image, so an image's pixels never depend on the batch it ran in "
+        "(batched kernels round differently by batch shape). `false` batches `batch_size` images per call for "
+        "throughput; pixels may then differ in the last bit with the batch.",
+    )
 
 
 class JobSpec(_Strict):

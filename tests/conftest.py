@@ -13,9 +13,13 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+pytest_plugins = ["tests.pg"]
+
 
 def write_manifest(path, rows: list[dict], schema: pa.Schema | None = None) -> str:
-    table = pa.Table.from_pylist(rows, schema=schema)
+    # from_pylist takes its columns from the first row only; give every row every key.
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    table = pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows], schema=schema)
     pq.write_table(table, str(path))
     return str(path)
 
@@ -47,4 +51,3 @@ def make_spec(tmp_path):
         return str(path)
 
     return _make
-pytest_plugins = ["tests.pg"]

@@ -1,0 +1,128 @@
+"""The ``genpipe`` command line. User errors print one line (and the list of problems) and exit non-zero;
+tracebacks are for bugs only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from pipeline.errors import GenpipeError
+
+DEMO_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "demo", "spec.yaml")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_spec
+    from pipeline.runner import run_job
+
+    spec = load_spec(args.spec, args.set)
+    summary = run_job(spec, quiet=args.quiet)
+    print(summary.render())
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_spec
+    from pipeline.manifest import ManifestPlanner, read_rows
+    from pipeline.runner import check_spec
+    from pipeline.samplers import check_sampler
+
+    spec = load_spec(args.spec, args.set)
+    _, family = check_spec(spec)
+    planner = ManifestPlanner(spec)
+    rows = bad = items = 0
+    for row_number, raw in read_rows(spec.manifest):
+        outcome = planner.plan_row(row_number, raw)
+        rows += 1
+        problems = list(outcome.problems)
+        if not problems and family is not None:
+            try:
+                check_sampler(outcome.items[0].sampler, family)
+            except ValueError as exc:
+                problems.append(f"sampler: {exc}")
+        if problems:
+            bad += 1
+            for p in problems:
+                print(f"row {row_number} (prompt_id {outcome.prompt_id!r}): {p}")
+        else:
+            items += len(outcome.items)
+    print(f"spec {args.spec}: valid; manifest {spec.manifest}: {rows} rows, {bad} rejected, {items} images to generate")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.config import load_spec
+    from pipeline.runner import run_job
+
+    spec = load_spec(DEMO_SPEC, args.set)
+    summary = run_job(spec, quiet=args.quiet)
+    print(summary.render())
+    return 0
+
+
+def _cmd_build_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.models.tiny import build_tiny, ensure_tiny
+
+    paths = build_tiny(Path(args.dir)) if args.dir else ensure_tiny()
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genpipe", description="Batch text-to-image generation with content safety and a per-image audit trail."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    def add_set(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a spec field (repeatable), e.g. --set resources.batch_size=8")  # fmt: skip
+
+    p = add("run", _cmd_run, "run a job locally or on the Ray cluster in RAY_ADDRESS")
+    p.add_argument("spec", help="job spec YAML (path or fsspec URL)")
+    add_set(p)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+    p = add("validate", _cmd_validate, "validate a spec and its manifest without generating")
+    p.add_argument("spec")
+    add_set(p)
+
+    p = add("demo", _cmd_demo, "run the bundled demo job: tiny offline model, local Ray, SQLite, ./runs/demo")
+    add_set(p)
+    p.add_argument("--quiet", action="store_true")
+
+    models = sub.add_parser("models", help="model utilities")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    p = msub.add_parser("build-tiny", help="build the tiny offline SD pipeline and open_clip model")
+    p.add_argument("dir", nargs="?", help="output directory (default: the cache, ~/.cache/genpipe)")
+    p.set_defaults(fn=_cmd_build_tiny)
+
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except GenpipeError as exc:
+        print(f"genpipe: error: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("genpipe: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

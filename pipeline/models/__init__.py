@@ -1,0 +1,1 @@
+"""Model loaders and the tiny offline models: thin load + forward wrappers, no batching or thresholds."""

@@ -1,0 +1,231 @@
+"""Loading diffusers text-to-image pipelines and their LoRA adapters: safetensors only, never a surprise download.
+
+``check_model`` runs on the driver before anything launches; ``load_pipeline`` runs once per generator actor.
+Hub access follows the environment: with ``HF_HUB_OFFLINE=1`` (tests, air-gapped clusters) an HF id must already
+be in the local HF cache, and a missing one is a ``ModelError`` naming it, not a stack of hub exceptions.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from schemas.spec import LoraSpec, ModelSpec
+
+_PICKLE_WEIGHTS = (".bin", ".pt", ".ckpt", ".pth")
+_HF_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@functools.cache
+def _dtype_kwarg() -> str:
+    # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); use what this one reads.
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+class ModelError(ValueError):
+    """The model or an adapter cannot be used: missing, not a diffusers pipeline, or not safetensors."""
+
+
+def is_local(model_id: str) -> bool:
+    """Local directory (or meant to be one) rather than an HF hub id."""
+    if model_id.startswith(("/", "./", "../", "~", "file://")) or Path(model_id).expanduser().exists():
+        return True
+    return not _HF_ID_RE.match(model_id)
+
+
+def resolve_model(model: ModelSpec) -> str:
+    """The path or HF id ``from_pretrained`` gets: the tiny model's cache path, an absolute local path, or the id."""
+    from pipeline.models.tiny import TINY_MODEL_ID, ensure_tiny
+
+    if model.id == TINY_MODEL_ID:
+        return str(ensure_tiny()["sd"])
+    if is_local(model.id):
+        return str(Path(model.id.removeprefix("file://")).expanduser().resolve())
+    return model.id
+
+
+def check_model(model: ModelSpec) -> str:
+    """Fail fast with a ``ModelError`` naming the problem; returns what ``resolve_model`` returns."""
+    if "://" in model.id and not model.id.startswith("file://"):
+        raise ModelError(f"{model.id!r}: models load from a local directory or an HF id, not a URL")
+    resolved = resolve_model(model)
+    directory = Path(resolved) if is_local(resolved) else _cached_snapshot(model)
+    if directory is not None:
+        _check_directory(directory, shown=model.id)
+    for lora in model.lora:
+        check_lora(lora)
+    return resolved
+
+
+def _cached_snapshot(model: ModelSpec) -> Path | None:
+    """The local snapshot of an HF id when the hub is off limits; None when downloads are allowed."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.is_offline_mode():
+        return None  # from_pretrained will download it, safetensors only
+    try:
+        return Path(snapshot_download(model.id, revision=model.revision, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, RepositoryNotFoundError, bad revision...
+        rev = f" at revision {model.revision!r}" if model.revision else ""
+        raise ModelError(
+            f"{model.id!r}{rev} is not a local directory and is not in the local HF cache, and HF_HUB_OFFLINE is set "
+            f"so it cannot be downloaded; download it beforehand or give a local path ({type(exc).__name__})"
+        ) from None
+
+
+def _check_directory(directory: Path, shown: str) -> None:
+    if not directory.exists():
+        raise ModelError(f"{shown!r}: model directory {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise ModelError(f"{shown!r}: {str(directory)!r} is a file; give a diffusers pipeline directory")
+    if not (directory / "model_index.json").is_file():
+        raise ModelError(
+            f"{shown!r}: {str(directory)!r} has no model_index.json, so it is not a diffusers pipeline directory "
+            "(single-file checkpoints are not supported; convert them with diffusers' save_pretrained)"
+        )
+    components = [directory] + sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for comp in components:
+        files = list(comp.glob("*")) if comp == directory else list(comp.rglob("*"))
+        pickled = sorted(f.name for f in files if f.suffix in _PICKLE_WEIGHTS)
+        has_safetensors = any(f.suffix == ".safetensors" for f in files)
+        if pickled and not has_safetensors:
+            where = "the top level" if comp == directory else f"component {comp.name!r}"
+            raise ModelError(
+                f"{shown!r}: {where} has only pickle weights ({', '.join(pickled[:5])}); weights load as "
+                "safetensors only — convert them (e.g. save_pretrained(..., safe_serialization=True))"
+            )
+
+
+def check_lora(lora: LoraSpec | dict[str, Any]) -> None:
+    """A local adapter must exist and be safetensors (remote URLs are checked when fetched)."""
+    lora = _as_spec(lora)
+    path = lora.path
+    if "://" in path and not path.startswith("file://"):
+        return
+    p = Path(path.removeprefix("file://")).expanduser()
+    if not p.exists():
+        raise ModelError(f"LoRA adapter {path!r} does not exist")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ModelError(f"LoRA adapter {path!r} is not a .safetensors file")
+        return
+    if lora.weight_name is not None:
+        if not lora.weight_name.endswith(".safetensors"):
+            raise ModelError(f"LoRA adapter {path!r}: weight_name {lora.weight_name!r} is not a .safetensors file")
+        if not (p / lora.weight_name).is_file():
+            raise ModelError(f"LoRA adapter {path!r} has no file {lora.weight_name!r}")
+    elif not any(p.glob("*.safetensors")):
+        raise ModelError(f"LoRA adapter directory {path!r} has no .safetensors file")
+
+
+def load_pipeline(model: ModelSpec, device: str):
+    """The pipeline on ``device`` with the spec's LoRA adapters loaded (inactive until ``set_adapters``)."""
+    import torch
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    path = check_model(model)
+    kwargs = {"revision": model.revision, _dtype_kwarg(): getattr(torch, model.dtype), "use_safetensors": True}
+    try:
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(path, **kwargs)
+        except ValueError as exc:
+            if "AutoPipeline can't find a pipeline" not in str(exc):
+                raise
+            # A text-to-image pipeline AutoPipeline has no mapping for (community or new classes).
+            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except OSError as exc:  # hub errors (missing repo/revision/file, offline) are OSErrors
+        raise ModelError(f"{model.id!r}: cannot load the pipeline: {exc}") from exc
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for lora in model.lora:
+        load_lora(pipe, lora)
+    if model.lora:
+        pipe.disable_lora()
+    return pipe
+
+
+def lora_adapter_name(lora: LoraSpec | dict[str, Any]) -> str:
+    """A stable adapter name per (path, weight_name), so the same adapter is loaded once whatever its scale."""
+    lora = _as_spec(lora)
+    key = f"{lora.path}\0{lora.weight_name or ''}"
+    return "lora_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def load_lora(pipe, lora: LoraSpec | dict[str, Any]) -> str:
+    """Load an adapter into ``pipe`` unless it is there already; returns its adapter name."""
+    lora = _as_spec(lora)
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ModelError(f"{type(pipe).__name__} does not support LoRA adapters")
+    name = lora_adapter_name(lora)
+    loaded = {n for names in pipe.get_list_adapters().values() for n in names}
+    if name in loaded:
+        return name
+    check_lora(lora)
+    source = _fetch_lora(lora.path)
+    kwargs: dict[str, Any] = {"adapter_name": name, "use_safetensors": True}
+    if lora.weight_name is not None:
+        kwargs["weight_name"] = lora.weight_name
+    try:
+        with warnings.catch_warnings():
+            # peft warns whenever a second adapter joins a model; several adapters side by side is the design here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"LoRA adapter {lora.path!r} cannot be loaded: {exc}") from exc
+    return name
+
+
+def _fetch_lora(path: str) -> str:
+    """A local path for the adapter; remote (fsspec) adapters are copied once into the genpipe cache."""
+    if "://" not in path or path.startswith("file://"):
+        return str(Path(path.removeprefix("file://")).expanduser())
+    import fsspec
+
+    from pipeline.models.tiny import cache_root
+
+    target = cache_root() / "lora" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    if not target.exists():
+        fs, remote = fsspec.core.url_to_fs(path)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fs.isdir(remote):
+            fs.get(remote.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        else:
+            tmp.mkdir(parents=True)
+            fs.get(remote, str(tmp / Path(remote).name))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another actor fetched it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not any(target.rglob("*.safetensors")):
+        raise ModelError(f"LoRA adapter {path!r} has no .safetensors file")
+    files = list(target.iterdir())
+    # A single fetched file: hand diffusers the file itself, as for a local file path.
+    return str(files[0]) if len(files) == 1 and files[0].is_file() else str(target)
+
+
+def model_fingerprint(path: str | Path) -> dict[str, str]:
+    """sha256 of every safetensors file under a model directory, by relative path (for the audit log)."""
+    root = Path(path)
+    out = {}
+    for f in sorted(root.rglob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+        out[f.relative_to(root).as_posix()] = h.hexdigest()
+    return out
+
+
+def _as_spec(lora: LoraSpec | dict[str, Any]) -> LoraSpec:
+    return lora if isinstance(lora, LoraSpec) else LoraSpec(**lora)

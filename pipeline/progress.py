@@ -1,0 +1,51 @@
+"""The live progress line: items done / total, images/s, ETA. A carriage-return line on a terminal,
+a plain line every few seconds otherwise (CI logs, ``ray job logs``)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _eta(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    def __init__(self, total: int, stream: TextIO | None = None, every_s: float = 5.0) -> None:
+        self.total = total
+        self.done = 0
+        self.images = 0
+        self.start = time.monotonic()
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.every_s = 0.2 if self.tty else every_s
+        self._last = 0.0
+
+    def update(self, done: int, images: int) -> None:
+        self.done += done
+        self.images += images
+        now = time.monotonic()
+        if now - self._last >= self.every_s or self.done >= self.total:
+            self._last = now
+            self._print()
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return self.images / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        per_item = elapsed / self.done if self.done else float("inf")
+        eta = _eta(per_item * (self.total - self.done)) if self.done else "?"
+        return f"[genpipe] {self.done}/{self.total} items  {self.rate():.2f} images/s  ETA {eta}"
+
+    def _print(self) -> None:
+        end = "\r" if self.tty and self.done < self.total else "\n"
+        print(self.line(), end=end, file=self.stream, flush=True)

@@ -1,0 +1,280 @@
+"""Running a job: check → plan (validate, expand, resume) → execute the stage list → results and summary.
+
+``run_job`` is the one entry point behind ``genpipe run``, ``genpipe demo`` and ``python -m jobs.generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import posixpath
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.audit import AuditStore
+from pipeline.audit.records import write_results_parquet
+from pipeline.errors import JobFailed, SpecError
+from pipeline.manifest import ManifestPlanner, read_rows
+from pipeline.models.diffusers_loader import ModelError, check_model, model_fingerprint
+from pipeline.progress import Progress
+from pipeline.samplers import check_sampler, model_family
+from pipeline.stages.base import Resources, Stage
+from pipeline.stages.generate import DiffusersGenerator
+from pipeline.stages.write import ImageWriter, image_key
+from pipeline.storage import Storage, local_path
+from schemas.record import TRANSPORT_SCHEMA, Item, items_from_table
+from schemas.spec import JobSpec
+
+PLAN_PREFIX = "_plan"
+PLAN_SHARD_ITEMS = 1024
+RESUME_CHUNK = 500
+RESULTS_KEY = "results.parquet"
+
+
+@dataclass
+class RunSummary:
+    job: str
+    run_id: int
+    status: str
+    rows: int = 0
+    rows_rejected: int = 0
+    items_total: int = 0
+    generated_now: int = 0
+    failed_now: int = 0
+    rejected_now: int = 0
+    skipped_done: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    images_per_s: float = 0.0
+    images: str = ""
+    results: str = ""
+    database: str = ""
+
+    def render(self) -> str:
+        c = self.counts
+        lines = [
+            f"job {self.job} (run {self.run_id}): {self.status}",
+            f"  manifest rows: {self.rows} ({self.rows_rejected} rejected)",
+            f"  items: {self.items_total} — generated {c.get('generated', 0)}, rejected {c.get('rejected', 0)}, "
+            f"blocked {c.get('blocked', 0)}, failed {c.get('failed', 0)}",
+            f"  this run: generated {self.generated_now}, failed {self.failed_now}, "
+            f"skipped {self.skipped_done} already done (resumed)",
+            f"  throughput: {self.images_per_s:.2f} images/s over {self.elapsed_s:.1f} s",
+            f"  images:   {self.images}",
+            f"  results:  {self.results}",
+            f"  database: {self.database}",
+        ]
+        return "\n".join(lines)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("genpipe", "torch", "diffusers", "transformers", "peft", "open_clip_torch", "ray", "pyarrow"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def check_spec(spec: JobSpec) -> tuple[str, str | None]:
+    """Fail fast, before anything launches: the model must exist as safetensors and the sampler fit it.
+    Returns (resolved model path or id, model family)."""
+    try:
+        resolved = check_model(spec.model)
+    except ModelError as exc:
+        raise SpecError(f"model.id: {exc}") from None
+    family = model_family(resolved) if spec.model.family == "auto" else spec.model.family
+    if family is not None:
+        try:
+            check_sampler(spec.sampler.name, family)
+        except ValueError as exc:
+            raise SpecError(f"sampler.name: {exc}") from None
+    return resolved, family
+
+
+def job_root(spec: JobSpec) -> str:
+    return posixpath.join(spec.output.rstrip("/"), spec.name)
+
+
+class _Planner:
+    """Streams the manifest into plan shards of pending items; records rejected rows; skips done items."""
+
+    def __init__(self, spec: JobSpec, family: str | None, store: AuditStore, storage: Storage, run_id: int) -> None:
+        self.spec, self.family, self.store, self.storage, self.run_id = spec, family, store, storage, run_id
+        self.summary_counts: Counter[str] = Counter()
+        self.shards: list[str] = []
+        self._pending: list[Item] = []
+        self._chunk: list[Item] = []
+
+    def run(self) -> None:
+        planner = ManifestPlanner(self.spec)
+        for row_number, raw in read_rows(self.spec.manifest):
+            outcome = planner.plan_row(row_number, raw)
+            self.summary_counts["rows"] += 1
+            if outcome.problems:
+                self.summary_counts["rows_rejected"] += 1
+            for item in outcome.items:
+                if item.status == "pending" and self.family is not None:
+                    try:
+                        check_sampler(item.sampler, self.family)
+                    except ValueError as exc:
+                        item.reject("invalid_row", f"sampler: {exc}", field="sampler")
+                self._chunk.append(item)
+            if len(self._chunk) >= RESUME_CHUNK:
+                self._flush_chunk()
+        self._flush_chunk()
+        self._flush_shard()
+
+    def _flush_chunk(self) -> None:
+        if not self._chunk:
+            return
+        chunk, self._chunk = self._chunk, []
+        self.summary_counts["items"] += len(chunk)
+        existing = self.store.get_items([it.item_id for it in chunk])
+        new_rejected = []
+        for item in chunk:
+            old = existing.get(item.item_id)
+            if item.status == "rejected":
+                if old is None or old.status != "rejected":
+                    new_rejected.append(item)
+                continue
+            if old is not None and old.status == "generated" and self._image_intact(old):
+                self.summary_counts["skipped_done"] += 1
+                continue
+            self._pending.append(item)
+            if len(self._pending) >= PLAN_SHARD_ITEMS:
+                self._flush_shard()
+        if new_rejected:
+            self.store.write_items(new_rejected, self.run_id)
+            self.summary_counts["rejected_now"] += len(new_rejected)
+
+    def _image_intact(self, item: Item) -> bool:
+        return item.image_sha256 is not None and self.storage.sha256(image_key(item)) == item.image_sha256
+
+    def _flush_shard(self) -> None:
+        if not self._pending:
+            return
+        # Sorting by generation parameters lets the generator batch equal-parameter items together.
+        items = sorted(self._pending, key=lambda it: (it.param_key(), it.item_id))
+        self._pending = []
+        key = f"{PLAN_PREFIX}/run-{self.run_id}/part-{len(self.shards):05d}.parquet"
+        table = pa.Table.from_pylist([it.to_row() for it in items], schema=TRANSPORT_SCHEMA)
+        with self.storage.open_atomic(key) as f:
+            pq.write_table(table, f)
+        self.shards.append(key)
+        self.summary_counts["pending"] += len(items)
+
+
+def build_stages(spec: JobSpec) -> list[Stage]:
+    res = spec.resources
+    generator = DiffusersGenerator(
+        spec.model,
+        batch_size=res.batch_size,
+        resources=Resources(num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor, concurrency=res.generator_actors),
+        batch_invariant=res.batch_invariant,
+    )
+    writer = ImageWriter(job_root(spec), quality=spec.image.quality)
+    return [generator, writer]
+
+
+def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
+    """Run (or resume) a job to completion. Raises ``SpecError`` / ``ManifestError`` before launching
+    anything when the input is bad, and ``JobFailed`` when failures pass the error budget."""
+    started = time.monotonic()
+    resolved, family = check_spec(spec)
+    storage = Storage(job_root(spec))
+    store = AuditStore(spec.database_url())
+    model_info = {"id": spec.model.id, "revision": spec.model.revision, "resolved": resolved}
+    if (lp := local_path(resolved)) and os.path.isdir(lp):
+        model_info["weights_sha256"] = model_fingerprint(lp)
+    run_id = store.begin_run(spec.name, spec.model_dump(mode="json"), library_versions(), model_info)
+    summary = RunSummary(job=spec.name, run_id=run_id, status="running", database=_masked(store))
+    try:
+        storage.delete(PLAN_PREFIX)  # shards of an interrupted earlier run are stale by definition
+        planner = _Planner(spec, family, store, storage, run_id)
+        planner.run()
+        pc = planner.summary_counts
+        summary.rows, summary.rows_rejected = pc["rows"], pc["rows_rejected"]
+        summary.rejected_now, summary.skipped_done = pc["rejected_now"], pc["skipped_done"]
+        outcome: Counter[str] = Counter()
+        progress = Progress(pc["pending"], stream=open("/dev/null", "w") if quiet else None)  # noqa: SIM115
+
+        def sink(items: list[Item]) -> None:
+            store.write_items(items, run_id)
+            statuses = Counter(it.status for it in items)
+            outcome.update(statuses)
+            progress.update(len(items), statuses["generated"])
+
+        gen_start = time.monotonic()
+        if pc["pending"]:
+            _execute(spec, build_stages(spec), storage, planner.shards, sink)
+        gen_elapsed = time.monotonic() - gen_start
+        storage.delete(PLAN_PREFIX)
+        summary.generated_now, summary.failed_now = outcome["generated"], outcome["failed"]
+        summary.images_per_s = outcome["generated"] / gen_elapsed if outcome["generated"] else 0.0
+        with storage.open_atomic(RESULTS_KEY) as f:
+            write_results_parquet(store, spec.name, f)
+        summary.counts = store.counts(spec.name)
+        summary.items_total = sum(summary.counts.values())
+        summary.images = storage.url("images")
+        summary.results = storage.url(RESULTS_KEY)
+        attempted = pc["pending"]
+        over_budget = attempted and outcome["failed"] / attempted > spec.policy.max_failure_fraction
+        summary.status = "failed" if over_budget else "succeeded"
+    except BaseException:
+        summary.status = "failed"
+        raise
+    finally:
+        summary.elapsed_s = time.monotonic() - started
+        store.end_run(run_id, summary.status, summary.counts, asdict(summary))
+        store.dispose()
+    if summary.status == "failed":
+        raise JobFailed(
+            f"job {spec.name}: {summary.failed_now} of {summary.generated_now + summary.failed_now} items failed, "
+            f"over policy.max_failure_fraction={spec.policy.max_failure_fraction}\n{summary.render()}"
+        )
+    return summary
+
+
+def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: list[str], sink) -> None:
+    if spec.executor == "local":
+        from pipeline.executors.local import run_local
+
+        run_local(stages, _read_shards(storage, shards, spec.resources.batch_size), sink)
+        return
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from pipeline.executors.ray_data import init_ray, run_ray
+
+    init_ray()
+    if storage.protocol == "memory":
+        raise SpecError("output: memory:// is per-process; use executor: local, a path or an object store with Ray")
+    fs = PyFileSystem(FSSpecHandler(storage.fs))
+    run_ray(stages, [storage.path(k) for k in shards], spec.resources.batch_size, sink, filesystem=fs)
+
+
+def _read_shards(storage: Storage, shards: list[str], batch_size: int):
+    for key in shards:
+        with storage.fs.open(storage.path(key), "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                yield items_from_table(pa.Table.from_batches([batch]))
+
+
+def _masked(store: AuditStore) -> str:
+    return store.safe_url
+
+
+def summary_json(summary: RunSummary) -> str:
+    return json.dumps(asdict(summary), indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `genpipe run SPEC` or `python -m jobs.generate SPEC`")

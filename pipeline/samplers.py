@@ -1,0 +1,131 @@
+"""The sampler table: a sampler name → a diffusers scheduler class, its extra settings and the model families it fits.
+
+Schedulers are swapped the diffusers way, ``Cls.from_config(pipe.scheduler.config, **extra)``, so the model's own
+training settings (betas, prediction type, timestep spacing) carry over and only the sampling algorithm changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from schemas.limits import SAMPLER_NAMES
+
+Family = Literal["unet", "flow"]
+UNET: tuple[Family, ...] = ("unet",)
+FLOW: tuple[Family, ...] = ("flow",)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    scheduler: str
+    """Class name in ``diffusers``."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Config overrides applied on top of the model's scheduler config."""
+    families: tuple[Family, ...] = UNET
+    """``unet``: noise/v-prediction models (SD 1.x/2.x/SDXL); ``flow``: flow-matching models (SD3, FLUX)."""
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": Sampler("DDIMScheduler"),
+    "ddpm": Sampler("DDPMScheduler"),
+    "pndm": Sampler("PNDMScheduler"),
+    "euler": Sampler("EulerDiscreteScheduler"),
+    "euler_ancestral": Sampler("EulerAncestralDiscreteScheduler"),
+    "heun": Sampler("HeunDiscreteScheduler"),
+    "lms": Sampler("LMSDiscreteScheduler"),
+    "dpmpp_2m": Sampler("DPMSolverMultistepScheduler"),
+    "dpmpp_2m_karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": Sampler("UniPCMultistepScheduler"),
+    "lcm": Sampler("LCMScheduler"),
+    "flow_match_euler": Sampler("FlowMatchEulerDiscreteScheduler", families=FLOW),
+}
+
+# Pipeline class names (model_index.json `_class_name`) by family. Checked in order, flow first, because
+# "StableDiffusion3Pipeline" also starts with "StableDiffusion".
+_FLOW_MARKERS = (
+    "Flux",
+    "StableDiffusion3",
+    "SD3",
+    "Sana",
+    "AuraFlow",
+    "Lumina",
+    "CogView4",
+    "HiDream",
+    "QwenImage",
+    "Chroma",
+    "Bria",
+)
+_UNET_MARKERS = ("StableDiffusion", "Kandinsky", "PixArt", "LatentConsistency", "Kolors", "HunyuanDiT", "IF")
+
+
+def samplers_for(family: Family) -> list[str]:
+    return [name for name, s in SAMPLERS.items() if family in s.families]
+
+
+def check_sampler(name: str, family: Family | None) -> None:
+    """Raise ValueError when ``name`` is not a sampler, or does not fit models of ``family`` (None: unknown, any)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)}")
+    if family is not None and family not in SAMPLERS[name].families:
+        raise ValueError(
+            f"sampler {name!r} does not fit {family!r} models; valid for {family}: {', '.join(samplers_for(family))}"
+        )
+
+
+def make_scheduler(name: str, base_config: Any):
+    """A new scheduler for sampler ``name`` built from a model's scheduler config (``pipe.scheduler.config``)."""
+    import diffusers
+
+    check_sampler(name, None)
+    sampler = SAMPLERS[name]
+    cls = getattr(diffusers, sampler.scheduler)
+    return cls.from_config(base_config, **sampler.extra)
+
+
+def model_family(model_path_or_id: str | Path) -> Family | None:
+    """``unet`` or ``flow`` from the pipeline class in the model's ``model_index.json``; None when unknown.
+
+    Reads a local directory, or an HF id's ``model_index.json`` when it is already in the local HF cache
+    (never downloads)."""
+    index = _model_index(model_path_or_id)
+    if index is None:
+        return None
+    class_name = str(index.get("_class_name", ""))
+    if class_name.startswith(_FLOW_MARKERS):
+        return "flow"
+    if class_name.startswith(_UNET_MARKERS):
+        return "unet"
+    # An unfamiliar pipeline class still says what it is through its scheduler.
+    scheduler = index.get("scheduler")
+    scheduler_class = scheduler[1] if isinstance(scheduler, list) and len(scheduler) == 2 else None
+    if not scheduler_class:
+        return None
+    if scheduler_class.startswith("FlowMatch"):
+        return "flow"
+    if scheduler_class in {s.scheduler for s in SAMPLERS.values() if "unet" in s.families}:
+        return "unet"
+    return None
+
+
+def _model_index(model_path_or_id: str | Path) -> dict[str, Any] | None:
+    path = Path(model_path_or_id).expanduser()
+    if path.is_dir():
+        index_file = path / "model_index.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_path_or_id), "model_index.json")
+        except Exception:  # not a valid repo id: no family to find
+            return None
+        if not isinstance(cached, str):
+            return None
+        index_file = Path(cached)
+    try:
+        return json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        return None

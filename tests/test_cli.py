@@ -1,0 +1,43 @@
+"""The CLI: validate lists every bad row; user errors are one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import main
+
+
+def test_validate_lists_every_bad_row(make_spec, capsys):
+    rows = [
+        {"prompt_id": "ok", "prompt": "a mug"},
+        {"prompt_id": "../../x", "prompt": "y"},
+        {"prompt_id": "ok", "prompt": "dup"},
+        {"prompt_id": "n", "prompt": "z", "width": 12, "seed": -3},
+    ]
+    assert main(["validate", make_spec(rows)]) == 0
+    out = capsys.readouterr().out
+    assert "row 2 (prompt_id '../../x'): prompt_id: must be 1-128 characters" in out
+    assert "row 3 (prompt_id 'ok'): prompt_id: duplicate of row 1" in out
+    assert "row 4 (prompt_id 'n'): width: Input should be a multiple of 8" in out
+    assert "row 4 (prompt_id 'n'): seed: Input should be greater than or equal to 0" in out
+    assert "4 rows, 3 rejected, 1 images to generate" in out
+
+
+def test_invalid_spec_exits_non_zero_naming_the_key(make_spec, capsys):
+    assert main(["validate", make_spec([{"prompt_id": "a", "prompt": "b"}], sampler={"stepz": 3})]) == 2
+    err = capsys.readouterr().err
+    assert "sampler.stepz: unknown key" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_missing_manifest_is_one_line(make_spec, tmp_path, capsys, command):
+    spec = make_spec(manifest=str(tmp_path / "gone.parquet"), database=f"sqlite:///{tmp_path}/a.db")
+    assert main([command, spec, "--set", "executor=local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("genpipe: error: manifest ") and "gone.parquet: no such file" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_set_override_error(make_spec, capsys):
+    assert main(["validate", make_spec([]), "--set", "resources.batch_size=-2"]) == 2
+    assert "resources.batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""End to end on the in-process executor with the tiny model: records, images, results, resume."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.audit import AuditStore
+from pipeline.config import load_spec
+from pipeline.errors import ManifestError, SpecError
+from pipeline.runner import run_job
+from pipeline.storage import Storage
+from tests.invariants import check_invariants
+
+ROWS = [
+    {"prompt_id": "mug", "prompt": "a red ceramic mug", "seed": 5, "num_images": 2, "campaign": "c1"},
+    {"prompt_id": "shoe", "prompt": "a white sneaker", "negative_prompt": "blurry", "campaign": "c1"},
+    {"prompt_id": "banner", "prompt": "a spring banner", "width": 48, "height": 24, "sampler": "ddim"},
+    {"prompt_id": "../evil", "prompt": "traversal"},
+    {"prompt_id": "mug", "prompt": "duplicate id"},
+    {"prompt_id": "empty", "prompt": "  "},
+]
+EXPECTED_ITEMS = 2 + 1 + 1 + 3  # rejected rows: one record per sample (images_per_prompt=1)
+
+
+def _db(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/audit.db"
+
+
+def test_local_run_writes_images_records_and_results(make_spec, tmp_path):
+    spec = load_spec(make_spec(ROWS, database=_db(tmp_path)))
+    summary = run_job(spec, quiet=True)
+    assert summary.status == "succeeded"
+    assert summary.counts == {"generated": 4, "rejected": 3}
+    assert summary.rows == 6 and summary.rows_rejected == 3 and summary.generated_now == 4
+    counts = check_invariants(_db(tmp_path), str(tmp_path / "out" / "test-job"), "test-job", EXPECTED_ITEMS)
+    assert counts == {"generated": 4, "rejected": 3}
+
+    store = AuditStore(_db(tmp_path))
+    all_items = list(store.iter_items("test-job"))
+    runs = store.runs("test-job")
+    store.dispose()
+    items = {(it.prompt_id, it.sample_index): it for it in all_items if it.status != "rejected"}
+    items.update({(it.prompt_id, it.sample_index): it for it in all_items if it.prompt_id == "../evil"})
+    assert [items[("mug", 0)].seed, items[("mug", 1)].seed] == [5, 6]
+    assert items[("banner", 0)].sampler == "ddim" and items[("banner", 0)].width == 48
+    assert items[("shoe", 0)].seed_source == "derived" and items[("shoe", 0)].negative_prompt == "blurry"
+    evil = items[("../evil", 0)]
+    assert evil.status == "rejected" and evil.reasons[0]["field"] == "prompt_id"
+    dup = [it for it in all_items if it.reasons and "duplicate of row 1" in it.reasons[0]["message"]]
+    assert len(dup) == 1
+    assert runs[0]["status"] == "succeeded" and runs[0]["model_info"]["weights_sha256"]
+    assert not os.path.exists(tmp_path / "out" / "evil") and not os.path.exists(tmp_path / "evil")
+
+    results = pq.read_table(io.BytesIO(Storage(str(tmp_path / "out" / "test-job")).read("results.parquet")))
+    for column in ("item_id", "job", "prompt_id", "prompt", "sample_index", "seed", "model", "sampler", "steps",
+                   "guidance_scale", "width", "height", "status", "decision", "reasons", "image_uri",
+                   "image_sha256", "scores", "created_at"):  # fmt: skip
+        assert column in results.column_names, column
+
+
+def test_rerun_resumes_without_new_images_or_records(make_spec, tmp_path):
+    path = make_spec(ROWS, database=_db(tmp_path))
+    run_job(load_spec(path), quiet=True)
+    root = tmp_path / "out" / "test-job"
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
+    second = run_job(load_spec(path), quiet=True)
+    assert second.skipped_done == 4 and second.generated_now == 0 and second.rejected_now == 0
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before
+    check_invariants(_db(tmp_path), str(root), "test-job", EXPECTED_ITEMS)
+
+    # An image that no longer matches its sha256 is regenerated — to identical bytes, since seeds are data.
+    victim = sorted(before)[0]
+    original = victim.read_bytes()
+    victim.write_bytes(b"corrupted")
+    third = run_job(load_spec(path), quiet=True)
+    assert third.generated_now == 1 and third.skipped_done == 3
+    assert victim.read_bytes() == original
+    check_invariants(_db(tmp_path), str(root), "test-job", EXPECTED_ITEMS)
+
+
+def test_memory_output_with_local_executor(make_spec, tmp_path):
+    spec = load_spec(make_spec(ROWS[:2], output="memory://genpipe-run-test", database=_db(tmp_path)))
+    summary = run_job(spec, quiet=True)
+    assert summary.counts == {"generated": 3}
+    check_invariants(_db(tmp_path), "memory://genpipe-run-test/test-job", "test-job", 3)
+
+
+def test_bad_input_fails_before_launch(make_spec, tmp_path):
+    with pytest.raises(ManifestError, match="no such file"):
+        run_job(load_spec(make_spec(manifest=str(tmp_path / "missing.parquet"), database=_db(tmp_path))))
+    with pytest.raises(SpecError, match="model.id: .*does not exist"):
+        run_job(load_spec(make_spec(ROWS, model={"id": str(tmp_path / "no-model")}, database=_db(tmp_path))))
+    with pytest.raises(SpecError, match="sampler.name: .*flow_match_euler"):
+        run_job(load_spec(make_spec(ROWS, sampler={"name": "flow_match_euler"}, database=_db(tmp_path))))
