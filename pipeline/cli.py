@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", help="output directory (default: the cache, ~/.cache/genpipe)")
     p.set_defaults(fn=_cmd_build_tiny)
 
+    from pipeline.audit.cli import register as register_audit  # audit migrate | verify | query | export | ...
 
+    register_audit(sub)
     return parser
 
 

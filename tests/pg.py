@@ -1,7 +1,8 @@
 """PostgreSQL for tests: a fresh, throwaway database on the server at 127.0.0.1:5432 (or GENPIPE_TEST_PG_ADMIN_URL).
 
 Use the session fixture ``postgres_url`` (register it with ``pytest_plugins = ["tests.pg"]`` in the root
-conftest, or import it into a test module), or the ``fresh_database()`` context manager directly. When no
+conftest, or import it into a test module), or the ``fresh_database()`` context manager directly
+(``cloned_database(url)`` copies a prepared one, which is much cheaper than preparing it again). When no
 server listens there, tests that ask for it are skipped with the reason; any other failure is an error.
 """
 
@@ -48,6 +49,8 @@ def fresh_database() -> Iterator[str]:
     name = f"genpipe_test_{uuid.uuid4().hex[:12]}"
     with _admin_connection() as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
+        # A throwaway database needs no durable commits; skipping the WAL flush makes write-heavy tests fast.
+        admin.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     try:
         yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
@@ -60,3 +63,19 @@ def postgres_url() -> Iterator[str]:
     """URL of a database created for this test session and dropped at its end."""
     with fresh_database() as url:
         yield url
+
+
+@contextmanager
+def cloned_database(template_url: str) -> Iterator[str]:
+    """A copy of the database at ``template_url`` (which must have no open connections), dropped after."""
+    from sqlalchemy.engine import make_url
+
+    template = make_url(template_url).database
+    name = f"genpipe_test_{uuid.uuid4().hex[:12]}"
+    with _admin_connection() as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with _admin_connection() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

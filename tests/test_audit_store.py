@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import event, func, select
 
 from pipeline.audit import RESULTS_SCHEMA, AuditStore, AuditStoreError, item_to_record, write_results_parquet
-from pipeline.audit.schema import ItemRow
+from pipeline.audit.schema import EventRow, ItemRow
+from pipeline.audit.verify import verify
 from schemas.record import Item
 from tests.pg import postgres_url  # noqa: F401  (session fixture, reached through request.getfixturevalue)
 
@@ -239,7 +240,7 @@ def _write_from_another_process(url: str, job: str, run_id: int, worker: int, ba
 
 def test_concurrent_writer_processes_lose_nothing(store: AuditStore, db_url: str, job: str):
     run_id = store.begin_run(job, {}, {}, {})
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # fast start; each child opens its own store (no engine crosses)
     barrier = ctx.Barrier(8)
     procs = [ctx.Process(target=_write_from_another_process, args=(db_url, job, run_id, w, barrier)) for w in range(8)]
     for p in procs:
@@ -249,6 +250,11 @@ def test_concurrent_writer_processes_lose_nothing(store: AuditStore, db_url: str
     assert [p.exitcode for p in procs] == [0] * 8
     assert row_count(store, job) == 1600
     assert store.counts(job) == {"generated": 1600}
+    with store.engine.connect() as conn:  # one item_recorded event per item written, retried batch included
+        recorded = select(func.count()).where(EventRow.job == job, EventRow.kind == "item_recorded")
+        assert conn.scalar(recorded) == 8 * 250
+    report = verify(store)  # one unbroken chain, whatever the interleaving (other tests' events included)
+    assert report.ok, report.render()
 
 
 # --- SQLite only ----------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The audit DB schema: every table the audit log has, in one module (migrations will live alongside it).
+"""The audit DB schema: every table the audit log has, in one module; migrations live alongside it
+(``pipeline/audit/migrations``), and a test checks the two never drift apart.
+
+Current-state tables (``jobs``, ``runs``, ``items``, ``reviewers``) are what readers query; ``events`` is the
+append-only, hash-chained log every change to them is also written to (see ``pipeline.audit.chain``).
 
 Columns mirror the fields of ``schemas.record.Item`` one to one, with the same names at the table
 level (``Item.metadata`` is the ORM attribute ``ItemRow.meta``, because ``metadata`` is reserved on
@@ -14,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -22,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -162,3 +168,50 @@ class ItemRow(Base):
 
 
 metadata = Base.metadata
+
+
+class ReviewerRow(Base):
+    """A person who may review: a name, a role, and the salted hashes of their password and API token."""
+
+    __tablename__ = "reviewers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # reviewer | admin
+    password_hash: Mapped[str | None] = mapped_column(String(255))  # scrypt$n$r$p$salt$hash; NULL: token only
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)  # sha256 of the bearer token
+    disabled: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(server_default=utcnow())
+
+
+#: ``events.seq`` is the chain position: BIGINT, but INTEGER on SQLite so that it is the rowid itself.
+SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class EventRow(Base):
+    """The append-only audit log: one row per recorded change, each hash-chained to the one before.
+
+    ``seq`` is assigned by the writer under the chain lock (1, 2, 3, ... without gaps), never by a sequence,
+    so a missing row is visible. ``payload`` is canonical JSON text, kept byte for byte as hashed.
+    """
+
+    __tablename__ = "events"
+
+    seq: Mapped[int] = mapped_column(SEQ_TYPE, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(32))
+    job: Mapped[str | None] = mapped_column(ForeignKey("jobs.name"))
+    item_id: Mapped[str | None] = mapped_column(ForeignKey("items.item_id"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("reviewers.id"))
+    reason_code: Mapped[str | None] = mapped_column(String(64))
+    text: Mapped[str | None] = mapped_column(Text)
+    supersedes: Mapped[int | None] = mapped_column(SEQ_TYPE, ForeignKey("events.seq"))  # the review event this replaces
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]  # the database clock, read inside the appending transaction, and hashed
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_events_item_id_seq", "item_id", "seq"),  # an item's history; its latest record
+        Index("ix_events_kind_item_id_seq", "kind", "item_id", "seq"),  # latest review decision per item
+    )

@@ -2,7 +2,9 @@
 
 Writes are idempotent on ``item_id`` (insert, or update every field), one transaction per call, retried
 on transient errors, so reruns, retried batches and many concurrent writer processes never duplicate or
-lose a record. Reads stream in pages and never hold a transaction open between pages.
+lose a record. Every write also appends hash-chained events in the same transaction (``pipeline.audit.chain``),
+so the current rows can always be checked against the log (``pipeline.audit.verify``). Reads stream in pages
+and never hold a transaction open between pages.
 
 Open one ``AuditStore`` per process (engines and their pools must not cross a fork); hold it for the
 process's life, and keep every write short: GPU actors never hold a session longer than a batch write.
@@ -18,33 +20,76 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import fields
 from datetime import datetime
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Connection, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Float,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, StatementError
 
-from pipeline.audit.schema import ItemRow, JobRow, RunRow, metadata, utcnow
+from pipeline.audit import migrate as migrations
+from pipeline.audit import reviews
+from pipeline.audit.chain import (
+    ITEM_FIELDS,
+    ITEM_RECORDED,
+    RUN_ENDED,
+    RUN_STARTED,
+    NewEvent,
+    append_events,
+    canonical_json,
+    chain_head,
+    item_payload,
+    json_default,
+    lock_chain,
+    run_payload,
+)
+from pipeline.audit.schema import ItemRow, JobRow, RunRow, utcnow
+from pipeline.errors import GenpipeError
 from schemas.record import Item
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Every persisted ``Item`` field; the ``items`` table has a column of the same name for each.
-ITEM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Item) if f.name != "pixels")
-_SCALAR_FIELDS = tuple(
-    name for name in ITEM_FIELDS if name not in ("lora", "tags", "metadata", "reasons", "scores", "timings")
-)
+__all__ = ["ITEM_FIELDS", "AuditStore", "AuditStoreError", "json_default", "safe_url"]
+
+_JSON_FIELDS = ("lora", "tags", "metadata", "reasons", "scores", "timings")
+_SCALAR_FIELDS = tuple(name for name in ITEM_FIELDS if name not in _JSON_FIELDS)
 RUN_STATUSES = ("running", "succeeded", "failed")
 
 _items = ItemRow.__table__
 _jobs = JobRow.__table__
 _runs = RunRow.__table__
+
+
+def _python_type(column: Any) -> type | None:
+    kind = column.type
+    if isinstance(kind, Float):
+        return float
+    if isinstance(kind, Integer | BigInteger):
+        return int
+    if isinstance(kind, String):  # Text too
+        return str
+    return None
+
+
+#: The Python type each scalar item column holds once stored, so the hashed record and the row agree
+#: (an ``int`` guidance scale comes back from the database as a ``float``).
+_COERCE: dict[str, type] = {name: t for name in _SCALAR_FIELDS if (t := _python_type(_items.c[name])) is not None}
 
 _IN_CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
 _WRITE_TRIES = 8  # with the backoff below: ~5 s of retrying on top of SQLite's own 30 s busy timeout
@@ -55,7 +100,7 @@ _BEGIN_IMMEDIATE = "genpipe_sqlite_begin_immediate"  # execution option read by 
 _PG_RETRY_SQLSTATES = {"40001", "40P01"}
 
 
-class AuditStoreError(RuntimeError):
+class AuditStoreError(GenpipeError):
     """The audit DB cannot be reached or used; the message names the URL (never its password)."""
 
 
@@ -78,15 +123,6 @@ def _engine_url(url: str) -> URL:
     return u
 
 
-def json_default(obj: Any) -> Any:
-    """``json.dumps`` fallback for values a record may carry that JSON does not know."""
-    if isinstance(obj, np.generic | np.ndarray):
-        return obj.tolist()  # numpy scalars/arrays from scorers become plain numbers/lists
-    if isinstance(obj, set | frozenset):
-        return sorted(obj)
-    return str(obj)  # same fallback as the Ray transport (Item.to_row)
-
-
 def _json_dumps(obj: Any) -> str:
     # JSON has no NaN/Infinity: PostgreSQL rejects them and SQLite would store text no other tool reads,
     # so both backends refuse them alike (a scorer's NaN must become a reason, not a number).
@@ -103,17 +139,21 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _item_to_row(item: Item, run_id: int | None) -> dict[str, Any]:
+    """The ``items`` row of ``item``, with every scalar as the Python type the database gives back."""
     row = {name: getattr(item, name) for name in ITEM_FIELDS}
-    for name in _SCALAR_FIELDS:  # JSON fields are handled by the serializer
+    for name, kind in _COERCE.items():  # JSON fields are handled by the serializer
         value = row[name]
-        if isinstance(value, str):
-            # PostgreSQL text cannot hold NUL; refusing it on SQLite too keeps the backends interchangeable.
-            if "\x00" in value:
-                raise ValueError(
-                    f"item {item.item_id}: {name} contains a NUL (0x00) character, which the audit DB cannot store"
-                )
+        if value is None or type(value) is kind:
+            pass
         elif isinstance(value, np.generic):
-            row[name] = value.item()  # numpy ints/floats from upstream stages; drivers want Python numbers
+            row[name] = kind(value.item())  # numpy ints/floats from upstream stages; drivers want Python numbers
+        else:
+            row[name] = kind(value)
+        if kind is str and value is not None and "\x00" in row[name]:
+            # PostgreSQL text cannot hold NUL; refusing it on SQLite too keeps the backends interchangeable.
+            raise ValueError(
+                f"item {item.item_id}: {name} contains a NUL (0x00) character, which the audit DB cannot store"
+            )
     row["run_id"] = run_id
     return row
 
@@ -124,9 +164,14 @@ def _row_to_item(row: Any) -> Item:
 
 
 class AuditStore:
-    """Jobs, runs and item records in one SQLAlchemy database."""
+    """Jobs, runs, item records, reviewers and the event chain in one SQLAlchemy database.
 
-    def __init__(self, url: str) -> None:
+    Opening a store brings the database to the newest schema revision through the migrations (creating it
+    when empty); ``migrate=False`` (read-only tools) never changes the schema and refuses a database that is
+    missing or not at head, saying to run ``genpipe audit migrate``.
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.safe_url = safe_url(url)
         try:
             self.url = _engine_url(url)
@@ -141,8 +186,10 @@ class AuditStore:
             raise AuditStoreError(f"audit DB {self.safe_url}: only SQLite and PostgreSQL URLs are supported")
 
         connect_args: dict[str, Any] = {}
-        if self.dialect == "sqlite":
+        if self.dialect == "sqlite" and migrate:
             self._make_sqlite_dir()
+        elif self.dialect == "sqlite":
+            self._require_sqlite_file()  # read-only tools never create a database file
         elif self.dialect == "postgresql":
             connect_args["connect_timeout"] = 10  # a dead host fails the run in seconds, not minutes
         try:
@@ -159,14 +206,19 @@ class AuditStore:
         # Writers on SQLite take the write lock up front (BEGIN IMMEDIATE) so they queue on the busy
         # timeout instead of failing when a read transaction tries to upgrade.
         self._writer = self.engine.execution_options(**{_BEGIN_IMMEDIATE: True})
+        #: The schema revision found on opening (None: empty; "legacy": pre-migration tables).
+        self.revision_found: str | None = None
         try:
-            self._create_schema()
+            self._prepare_schema(migrate)
         except DBAPIError as exc:
             self.engine.dispose()
             reason = _first_line(exc)
             if self.url.password:
                 reason = reason.replace(self.url.password, "***")
             raise AuditStoreError(f"cannot open audit DB {self.safe_url}: {reason}") from None
+        except (migrations.MigrationError, AuditStoreError) as exc:
+            self.engine.dispose()
+            raise AuditStoreError(f"audit DB {self.safe_url}: {exc}") from None
         log.info("audit store: %s", self.safe_url)
 
     def __repr__(self) -> str:
@@ -184,15 +236,30 @@ class AuditStore:
                 f"cannot open audit DB {self.safe_url}: cannot create directory {directory}: {exc.strerror}"
             ) from None
 
-    def _create_schema(self) -> None:
+    def _require_sqlite_file(self) -> None:
+        path = self.url.database
+        if path and path != ":memory:" and not path.startswith("file:") and not os.path.exists(path):
+            raise AuditStoreError(f"audit DB {self.safe_url}: no such file {os.path.abspath(path)}")
+
+    def _prepare_schema(self, migrate: bool) -> None:
+        head = migrations.head_revision()
+        with self.engine.connect() as conn:
+            self.revision_found = migrations.current_revision(conn)
+        if self.revision_found == head:
+            return
+        migrations.check_known(self.revision_found)
+        if not migrate:
+            raise AuditStoreError(
+                f"the database is {migrations.describe(self.revision_found)}, not at schema revision {head}; "
+                f"run `genpipe audit migrate --db URL` first"
+            )
         with self._writer.begin() as conn:
             if self.dialect == "postgresql":
-                # Several processes may open a fresh database at once; the lock makes one create the tables
-                # while the others wait and then find them. (SQLite gets the same from BEGIN IMMEDIATE.)
+                # Several processes may open a fresh database at once; the lock makes one migrate while the
+                # others wait and then find it done. (SQLite gets the same from BEGIN IMMEDIATE.)
                 conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
-            # MIGRATIONS: create_all only adds missing tables. When Alembic arrives, this is where the
-            # store runs (or checks) `upgrade head` instead.
-            metadata.create_all(conn)
+            migrations.upgrade(conn)
+        log.info("audit DB %s: migrated from %s to %s", self.safe_url, self.revision_found, head)
 
     # --- transactions ---------------------------------------------------------------------------------
     def _insert(self, table: Any) -> Any:
@@ -214,6 +281,9 @@ class AuditStore:
         for attempt in range(1, _WRITE_TRIES + 1):
             try:
                 with self._writer.begin() as conn:
+                    # Every write appends events: take the chain lock before any row lock, so writers queue
+                    # here instead of deadlocking on FK key-share locks (PostgreSQL; SQLite: BEGIN IMMEDIATE).
+                    lock_chain(conn)
                     return fn(conn)
             except StatementError as exc:
                 if not isinstance(exc, DBAPIError) and isinstance(exc.orig, ValueError):
@@ -257,7 +327,12 @@ class AuditStore:
                     host=host or socket.gethostname(),
                 )
             )
-            return int(result.inserted_primary_key[0])
+            run_id = int(result.inserted_primary_key[0])
+            # Read back, so the hashed payload is exactly what the database holds (JSON round trip and all).
+            stored_spec = conn.execute(select(_jobs.c.spec).where(_jobs.c.name == job)).scalar_one()
+            payload = {"run": self._run_payload(conn, run_id), "spec": stored_spec}
+            append_events(conn, [NewEvent(RUN_STARTED, payload, job=job, run_id=run_id)])
+            return run_id
 
         return self._write("begin_run", tx)
 
@@ -272,10 +347,18 @@ class AuditStore:
                 .where(_runs.c.id == run_id)
                 .values(status=status, counts=counts, summary=summary, ended_at=utcnow())
             )
-            return conn.execute(stmt).rowcount
+            if conn.execute(stmt).rowcount == 0:
+                return 0
+            run = self._run_payload(conn, run_id)
+            append_events(conn, [NewEvent(RUN_ENDED, {"run": run}, job=run["job"], run_id=run_id)])
+            return 1
 
         if self._write("end_run", tx) == 0:
             raise AuditStoreError(f"end_run: no run with id {run_id} in {self.safe_url}")
+
+    @staticmethod
+    def _run_payload(conn: Connection, run_id: int) -> dict[str, Any]:
+        return run_payload(conn.execute(select(_runs).where(_runs.c.id == run_id)).mappings().one())
 
     def runs(self, job: str) -> list[dict[str, Any]]:
         """Every run of ``job``, oldest first, as dicts of the ``runs`` columns."""
@@ -287,8 +370,10 @@ class AuditStore:
     def write_items(self, items: list[Item], run_id: int | None) -> None:
         """Insert or fully update ``items`` (by ``item_id``) in one transaction; ``pixels`` are never stored.
 
-        A job row is created (with no spec) if the items' job has none yet, so a write never depends on
-        call order. Within one call the last record of an id wins.
+        Each item also gets an ``item_recorded`` event holding its full record, in the same transaction (a
+        re-written item gets another one: the log shows every write). A job row is created (with no spec)
+        if the items' job has none yet, so a write never depends on call order. Within one call the last
+        record of an id wins.
         """
         if not items:
             return
@@ -302,9 +387,23 @@ class AuditStore:
         upsert = ins.on_conflict_do_update(index_elements=[_items.c.item_id], set_={**updated, "updated_at": utcnow()})
         new_jobs = self._insert(_jobs).on_conflict_do_nothing(index_elements=[_jobs.c.name])
 
+        # Serialised once, outside the transaction (a retry reuses them); NaN is refused here, before any I/O.
+        events = [
+            NewEvent(
+                ITEM_RECORDED,
+                None,
+                job=r["job"],
+                item_id=r["item_id"],
+                run_id=run_id,
+                payload_text=canonical_json(item_payload(r)),
+            )
+            for r in rows
+        ]
+
         def tx(conn: Connection) -> None:
             conn.execute(new_jobs, jobs)
             conn.execute(upsert, rows)  # executemany: one prepared statement, every row
+            append_events(conn, events)
 
         self._write("write_items", tx)
 
@@ -353,6 +452,65 @@ class AuditStore:
         query = select(_items.c.status, func.count()).where(_items.c.job == job).group_by(_items.c.status)
         with self.engine.connect() as conn:
             return {status: int(n) for status, n in conn.execute(query)}
+
+    # --- the chain, reviewers and reviews (pipeline.audit.chain, pipeline.audit.reviews) -----------------
+    def chain_head(self) -> tuple[int, str] | None:
+        """(seq, hash) of the newest event; None only for a chain with no events at all."""
+        with self.engine.connect() as conn:
+            return chain_head(conn)
+
+    def add_reviewer(self, name: str, role: str = "reviewer", password: str | None = None) -> str:
+        """Create a reviewer (role ``reviewer`` or ``admin``); returns their API token, shown only this once."""
+        return reviews.add_reviewer(self, name, role, password)
+
+    def update_reviewer(
+        self,
+        name: str,
+        *,
+        role: str | None = None,
+        disabled: bool | None = None,
+        password: str | None = None,
+        rotate_token: bool = False,
+    ) -> str | None:
+        """Change a reviewer; returns the new token when ``rotate_token``."""
+        return reviews.update_reviewer(
+            self, name, role=role, disabled=disabled, password=password, rotate_token=rotate_token
+        )
+
+    def authenticate(self, name: str, password: str) -> dict[str, Any] | None:
+        """The enabled reviewer with this name and password (id, name, role, disabled, created_at), else None."""
+        return reviews.authenticate(self, name, password)
+
+    def authenticate_token(self, token: str) -> dict[str, Any] | None:
+        """The enabled reviewer holding this API token, else None."""
+        return reviews.authenticate_token(self, token)
+
+    def reviewers(self) -> list[dict[str, Any]]:
+        return reviews.reviewers(self)
+
+    def record_review(
+        self,
+        item_ids: list[str],
+        action: str,
+        reviewer: str,
+        reason_code: str | None = None,
+        text: str | None = None,
+        supersedes: int | None = None,
+    ) -> list[int]:
+        """Record ``action`` (approve | reject | escalate | comment) on each item by the named (authenticated)
+        reviewer, in one transaction; returns the new events' seq numbers. See ``pipeline.audit.reviews``."""
+        return reviews.record_review(self, item_ids, action, reviewer, reason_code, text, supersedes)
+
+    def history(self, item_id: str) -> list[dict[str, Any]]:
+        """Every event of one item, oldest first (payload parsed, reviewer name joined)."""
+        return reviews.history(self, item_id)
+
+    def effective_decisions(self, item_ids: list[str]) -> dict[str, str | None]:
+        """pass | review | block (the pipeline's) or approved | rejected | escalated (the latest review)."""
+        return reviews.effective_decisions(self, item_ids)
+
+    def effective_decision(self, item_id: str) -> str | None:
+        return self.effective_decisions([item_id]).get(item_id)
 
     def dispose(self) -> None:
         """Close every pooled connection."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the audit DB, run programmatically by ``pipeline.audit.migrate`` (no alembic.ini)."""
