@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.audit.cli import register as register_audit  # audit migrate | verify | query | export | ...
 
     register_audit(sub)
+    from pipeline.report.cli import register as register_report  # report bias
+
+    register_report(sub)
+    from pipeline.review.cli import register as register_review  # review serve | add-reviewer
+
+    register_review(sub)
     return parser
 
 

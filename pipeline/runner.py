@@ -18,17 +18,25 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.audit import AuditStore
+from pipeline.audit import AuditStore, write_chain_anchor
+from pipeline.audit.lease import JobLease
 from pipeline.audit.records import write_results_parquet
 from pipeline.errors import JobFailed, SpecError
 from pipeline.manifest import ManifestPlanner, read_rows
+from pipeline.metrics import record_items
 from pipeline.models.diffusers_loader import ModelError, check_model, model_fingerprint
 from pipeline.progress import Progress
+from pipeline.report.bias import write_bias_report
 from pipeline.samplers import check_sampler, model_family
+from pipeline.scoring.alignment import rank_job
+from pipeline.scoring.check import check_scoring
+from pipeline.scoring.policy import plan_regeneration, wants_regeneration
+from pipeline.scoring.screen import PromptScreen
 from pipeline.stages.base import Resources, Stage
 from pipeline.stages.generate import DiffusersGenerator
-from pipeline.stages.write import ImageWriter, image_key
-from pipeline.storage import Storage, local_path
+from pipeline.stages.score import build_scoring_stages
+from pipeline.stages.write import PUBLIC_PREFIX, QUARANTINE_PREFIX, REVIEW_PREFIX, ImageWriter, image_key
+from pipeline.storage import TMP_PREFIX, Storage, local_path
 from schemas.record import TRANSPORT_SCHEMA, Item, items_from_table
 from schemas.spec import JobSpec
 
@@ -50,6 +58,11 @@ class RunSummary:
     failed_now: int = 0
     rejected_now: int = 0
     skipped_done: int = 0
+    orphans_quarantined: int = 0
+    regenerated_now: int = 0
+    blocked_now: int = 0
+    decisions: dict[str, int] = field(default_factory=dict)
+    bias_report: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     images_per_s: float = 0.0
@@ -66,10 +79,15 @@ class RunSummary:
             f"blocked {c.get('blocked', 0)}, failed {c.get('failed', 0)}",
             f"  this run: generated {self.generated_now}, failed {self.failed_now}, "
             f"skipped {self.skipped_done} already done (resumed)",
+            "  decisions: " + (", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items())) or "none"),
+            *([f"  regenerated: {self.regenerated_now} flagged images tried again"] if self.regenerated_now else []),
             f"  throughput: {self.images_per_s:.2f} images/s over {self.elapsed_s:.1f} s",
+            *([f"  orphans:  {self.orphans_quarantined} images without a record moved to quarantine/orphans/"]
+              if self.orphans_quarantined else []),
             f"  images:   {self.images}",
             f"  results:  {self.results}",
             f"  database: {self.database}",
+            *([f"  bias report: {self.bias_report}"] if self.bias_report else []),
         ]
         return "\n".join(lines)
 
@@ -91,6 +109,9 @@ def check_spec(spec: JobSpec) -> tuple[str, str | None]:
         resolved = check_model(spec.model)
     except ModelError as exc:
         raise SpecError(f"model.id: {exc}") from None
+    check_scoring(spec)
+    if spec.executor == "ray" and spec.output.startswith("memory://"):
+        raise SpecError("output: memory:// lives in one process; use executor: local, a path or an object store")
     family = model_family(resolved) if spec.model.family == "auto" else spec.model.family
     if family is not None:
         try:
@@ -113,6 +134,7 @@ class _Planner:
         self.shards: list[str] = []
         self._pending: list[Item] = []
         self._chunk: list[Item] = []
+        self.screen = PromptScreen.from_spec(spec)
 
     def run(self) -> None:
         planner = ManifestPlanner(self.spec)
@@ -128,6 +150,8 @@ class _Planner:
                     except ValueError as exc:
                         item.reject("invalid_row", f"sampler: {exc}", field="sampler")
                 self._chunk.append(item)
+            if self.screen is not None:
+                self.screen.screen(outcome.items)  # a blocked prompt is never generated
             if len(self._chunk) >= RESUME_CHUNK:
                 self._flush_chunk()
         self._flush_chunk()
@@ -142,9 +166,10 @@ class _Planner:
         new_rejected = []
         for item in chunk:
             old = existing.get(item.item_id)
-            if item.status == "rejected":
-                if old is None or old.status != "rejected":
+            if item.status in ("rejected", "blocked"):  # terminal before generation: recorded, never planned
+                if old is None or old.status != item.status:
                     new_rejected.append(item)
+                    self.summary_counts[f"{item.status}_now"] += 1
                 continue
             if old is not None and old.status == "generated" and self._image_intact(old):
                 self.summary_counts["skipped_done"] += 1
@@ -154,7 +179,14 @@ class _Planner:
                 self._flush_shard()
         if new_rejected:
             self.store.write_items(new_rejected, self.run_id)
-            self.summary_counts["rejected_now"] += len(new_rejected)
+
+    def plan_items(self, items: list[Item]) -> list[str]:
+        """Plan extra items (regeneration tries) through the same resume check; returns the new shard keys."""
+        first = len(self.shards)
+        self._chunk.extend(items)
+        self._flush_chunk()
+        self._flush_shard()
+        return self.shards[first:]
 
     def _image_intact(self, item: Item) -> bool:
         return item.image_sha256 is not None and self.storage.sha256(image_key(item)) == item.image_sha256
@@ -168,7 +200,8 @@ class _Planner:
         key = f"{PLAN_PREFIX}/run-{self.run_id}/part-{len(self.shards):05d}.parquet"
         table = pa.Table.from_pylist([it.to_row() for it in items], schema=TRANSPORT_SCHEMA)
         with self.storage.open_atomic(key) as f:
-            pq.write_table(table, f)
+            # One row group per generator batch: the Ray executor hands out row groups as its work units.
+            pq.write_table(table, f, row_group_size=self.spec.resources.batch_size)
         self.shards.append(key)
         self.summary_counts["pending"] += len(items)
 
@@ -182,7 +215,7 @@ def build_stages(spec: JobSpec) -> list[Stage]:
         batch_invariant=res.batch_invariant,
     )
     writer = ImageWriter(job_root(spec), quality=spec.image.quality)
-    return [generator, writer]
+    return [generator, *build_scoring_stages(spec), writer]
 
 
 def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
@@ -192,10 +225,20 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
     resolved, family = check_spec(spec)
     storage = Storage(job_root(spec))
     store = AuditStore(spec.database_url())
-    model_info = {"id": spec.model.id, "revision": spec.model.revision, "resolved": resolved}
-    if (lp := local_path(resolved)) and os.path.isdir(lp):
-        model_info["weights_sha256"] = model_fingerprint(lp)
-    run_id = store.begin_run(spec.name, spec.model_dump(mode="json"), library_versions(), model_info)
+    try:
+        lease = JobLease(store, spec.name).acquire()
+    except BaseException:
+        store.dispose()
+        raise
+    try:
+        model_info = {"id": spec.model.id, "revision": spec.model.revision, "resolved": resolved}
+        if (lp := local_path(resolved)) and os.path.isdir(lp):
+            model_info["weights_sha256"] = model_fingerprint(lp)
+        run_id = store.begin_run(spec.name, spec.model_dump(mode="json"), library_versions(), model_info)
+    except BaseException:
+        lease.release()
+        store.dispose()
+        raise
     summary = RunSummary(job=spec.name, run_id=run_id, status="running", database=_masked(store))
     try:
         storage.delete(PLAN_PREFIX)  # shards of an interrupted earlier run are stale by definition
@@ -204,6 +247,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         pc = planner.summary_counts
         summary.rows, summary.rows_rejected = pc["rows"], pc["rows_rejected"]
         summary.rejected_now, summary.skipped_done = pc["rejected_now"], pc["skipped_done"]
+        summary.blocked_now = pc["blocked_now"]
         outcome: Counter[str] = Counter()
         progress = Progress(pc["pending"], stream=open("/dev/null", "w") if quiet else None)  # noqa: SIM115
 
@@ -211,22 +255,32 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
             store.write_items(items, run_id)
             statuses = Counter(it.status for it in items)
             outcome.update(statuses)
+            record_items(spec.name, statuses, Counter(it.decision for it in items if it.decision))
             progress.update(len(items), statuses["generated"])
 
         gen_start = time.monotonic()
+        stages = build_stages(spec)
         if pc["pending"]:
-            _execute(spec, build_stages(spec), storage, planner.shards, sink)
+            _execute(spec, stages, storage, planner.shards, sink)
+        summary.regenerated_now = _regenerate_flagged(spec, stages, store, storage, planner, sink, progress)
         gen_elapsed = time.monotonic() - gen_start
         storage.delete(PLAN_PREFIX)
         summary.generated_now, summary.failed_now = outcome["generated"], outcome["failed"]
         summary.images_per_s = outcome["generated"] / gen_elapsed if outcome["generated"] else 0.0
+        summary.orphans_quarantined = reconcile_orphans(store, storage, spec.name)
+        if spec.scoring.enabled:
+            rank_job(store, spec.name, run_id)  # best-of-k per prompt needs all of a prompt's samples
         with storage.open_atomic(RESULTS_KEY) as f:
             write_results_parquet(store, spec.name, f)
+        summary.decisions = _decision_counts(store, spec.name)
+        if spec.scoring.enabled and spec.scoring.bias.attributes:
+            files = write_bias_report(store.iter_items(spec.name), storage, spec.name, spec.scoring.bias)
+            summary.bias_report = files.get("bias.md", "")
         summary.counts = store.counts(spec.name)
         summary.items_total = sum(summary.counts.values())
         summary.images = storage.url("images")
         summary.results = storage.url(RESULTS_KEY)
-        attempted = pc["pending"]
+        attempted = pc["pending"] + summary.regenerated_now
         over_budget = attempted and outcome["failed"] / attempted > spec.policy.max_failure_fraction
         summary.status = "failed" if over_budget else "succeeded"
     except BaseException:
@@ -235,7 +289,14 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
     finally:
         summary.elapsed_s = time.monotonic() - started
         store.end_run(run_id, summary.status, summary.counts, asdict(summary))
+        try:  # the chain head next to the images: an anchor outside the database (covers run_ended)
+            write_chain_anchor(store, storage, spec.name)
+        except Exception as exc:  # never mask the job's own outcome
+            print(f"genpipe: warning: chain anchor not written: {exc}", file=sys.stderr)
+        lease.release()
         store.dispose()
+        if summary.status != "running":
+            _write_summary(storage, summary)
     if summary.status == "failed":
         raise JobFailed(
             f"job {spec.name}: {summary.failed_now} of {summary.generated_now + summary.failed_now} items failed, "
@@ -244,21 +305,73 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
     return summary
 
 
+def _regenerate_flagged(spec, stages, store, storage, planner, sink, progress) -> int:
+    """Regenerate-on-flag: each round plans the next try (new derived seed, own record) of every generated
+    item whose decision is in ``policy.regenerate_on`` and that has tries left, and runs it through the same
+    stages. Candidates come from the store, so a resumed run picks up where the last one stopped."""
+    tries, on = spec.policy.regenerate_tries, spec.policy.regenerate_on
+    total = 0
+    for _ in range(tries):
+        candidates = [it for it in store.iter_items(spec.name) if wants_regeneration(it, tries, on)]
+        shards = planner.plan_items(plan_regeneration(candidates, tries, on))
+        planned = sum(_shard_rows(storage, key) for key in shards)
+        if not planned:
+            break
+        progress.total += planned
+        _execute(spec, stages, storage, shards, sink)
+        total += planned
+    return total
+
+
+def _shard_rows(storage: Storage, key: str) -> int:
+    with storage.fs.open(storage.path(key), "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _decision_counts(store: AuditStore, job: str) -> dict[str, int]:
+    return dict(Counter(it.decision or "unscored" for it in store.iter_items(job) if it.status == "generated"))
+
+
+def reconcile_orphans(store: AuditStore, storage: Storage, job: str) -> int:
+    """Move every image under the public and review prefixes that no record points at into
+    ``quarantine/orphans/`` (nothing is deleted) and return how many. Orphans come from a crash between the
+    image write and the record write whose item then changed (a rerun with the same parameters rewrites the
+    same key with the same bytes and records it)."""
+    expected = {image_key(it) for it in store.iter_items(job) if it.image_sha256}
+    moved = 0
+    for prefix in (PUBLIC_PREFIX, REVIEW_PREFIX, QUARANTINE_PREFIX):
+        for key in list(storage.walk(prefix)):
+            if posixpath.basename(key).startswith(TMP_PREFIX):
+                storage.delete(key)  # a write cut short by a crash: partial bytes, never an image
+            elif key not in expected and prefix != QUARANTINE_PREFIX:
+                storage.move(key, f"{QUARANTINE_PREFIX}/orphans/{key}")
+                moved += 1
+    return moved
+
+
+def _write_summary(storage: Storage, summary: RunSummary) -> None:
+    """summary.json + summary.md next to the images: the run's outcome outside the database."""
+    try:
+        storage.write_atomic("summary.json", summary_json(summary).encode())
+        storage.write_atomic("summary.md", f"# Run summary\n\n```\n{summary.render()}\n```\n".encode())
+    except Exception as exc:  # the summary is a convenience copy; the DB row is the record
+        print(f"genpipe: warning: could not write the run summary: {exc}", file=sys.stderr)
+
+
 def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: list[str], sink) -> None:
     if spec.executor == "local":
         from pipeline.executors.local import run_local
 
         run_local(stages, _read_shards(storage, shards, spec.resources.batch_size), sink)
         return
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     from pipeline.executors.ray_data import init_ray, run_ray
 
     init_ray()
-    if storage.protocol == "memory":
-        raise SpecError("output: memory:// is per-process; use executor: local, a path or an object store with Ray")
-    fs = PyFileSystem(FSSpecHandler(storage.fs))
-    run_ray(stages, [storage.path(k) for k in shards], spec.resources.batch_size, sink, filesystem=fs)
+    row_groups = []
+    for key in shards:
+        with storage.fs.open(storage.path(key), "rb") as f:
+            row_groups += [(key, i) for i in range(pq.ParquetFile(f).num_row_groups)]
+    run_ray(stages, row_groups, storage, spec.resources.batch_size, sink)
 
 
 def _read_shards(storage: Storage, shards: list[str], batch_size: int):

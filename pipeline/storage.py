@@ -148,6 +148,12 @@ class Storage:
         if self.fs.exists(p):
             retry(lambda: self.fs.rm(p, recursive=True), what=f"delete {key}")
 
+    def move(self, src: str, dst: str) -> None:
+        """Move an object to another key under the same root (used to quarantine orphans)."""
+        source, target = self.path(src), self.path(dst)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        retry(lambda: self.fs.mv(source, target), what=f"move {src}")
+
     def walk(self, prefix: str = "") -> Iterator[str]:
         """Every object key under ``prefix`` (relative to the root)."""
         base = self.path(prefix) if prefix else self.root

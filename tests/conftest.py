@@ -40,6 +40,9 @@ def make_spec(tmp_path):
             "sampler": {"name": "euler", "steps": 4, "guidance_scale": 5.0},
             "image": {"width": 32, "height": 32},
             "resources": {"batch_size": 4},
+            # Scoring is its own concern (tests/test_scoring_*, test_run_local's scored run, the demo test);
+            # run tests about orchestration and faults without it, so they stay fast on 2 cores.
+            "scoring": {"enabled": False},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -9,7 +9,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.audit import AuditStore
+from pipeline.audit import AuditStore, verify
 from pipeline.stages.write import image_key
 from pipeline.storage import TMP_PREFIX, Storage
 from schemas.record import TERMINAL_STATUSES
@@ -21,19 +21,27 @@ def check_invariants(db_url: str, job_root: str, job: str, expected_items: int) 
     store = AuditStore(db_url)
     try:
         items = list(store.iter_items(job))
+        report = verify(store, images=True)
+        assert report.ok, report.render()  # I5: the audit chain verifies, and every image its sha256
     finally:
         store.dispose()
     ids = [it.item_id for it in items]
-    assert len(ids) == len(set(ids)) == expected_items, (len(ids), len(set(ids)), expected_items)  # I1, I4
+    assert len(ids) == len(set(ids)), "duplicate records"  # I4
+    firsts = [it for it in items if it.attempt == 1]  # regenerate-on-flag adds one record per extra try
+    assert len(firsts) == expected_items, (len(firsts), expected_items)  # I1
     assert all(it.status in TERMINAL_STATUSES for it in items), Counter(it.status for it in items)
     storage = Storage(job_root)
     objects = list(storage.walk())
     assert not [o for o in objects if o.rsplit("/", 1)[-1].startswith(TMP_PREFIX)], objects  # I3
     assert not [o for o in objects if o.startswith("_plan")], objects
-    images = sorted(o for o in objects if o.startswith("images/"))
-    generated = [it for it in items if it.status == "generated"]
-    assert sorted(image_key(it) for it in generated) == images  # I2: one record per image, one image per record
-    for it in generated:
+    prefixes = ("images/", "review/", "quarantine/")
+    images = sorted(o for o in objects if o.startswith(prefixes) and not o.startswith("quarantine/orphans/"))
+    stored = [it for it in items if it.image_sha256]
+    assert all(it.status in ("generated", "blocked") for it in stored)
+    assert sorted(image_key(it) for it in stored) == images  # I2: one record per image, one image per record
+    public = [it for it in stored if image_key(it).startswith("images/")]
+    assert all(it.decision in (None, "pass") for it in public)  # nothing flagged under the public prefix
+    for it in stored:
         data = storage.read(image_key(it))
         assert hashlib.sha256(data).hexdigest() == it.image_sha256
         with Image.open(io.BytesIO(data)) as img:

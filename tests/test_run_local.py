@@ -26,6 +26,10 @@ ROWS = [
 EXPECTED_ITEMS = 2 + 1 + 1 + 3  # rejected rows: one record per sample (images_per_prompt=1)
 
 
+def _images(root):
+    return [p for prefix in ("images", "review", "quarantine") for p in (root / prefix).rglob("*.png")]
+
+
 def _db(tmp_path) -> str:
     return f"sqlite:///{tmp_path}/audit.db"
 
@@ -66,10 +70,10 @@ def test_rerun_resumes_without_new_images_or_records(make_spec, tmp_path):
     path = make_spec(ROWS, database=_db(tmp_path))
     run_job(load_spec(path), quiet=True)
     root = tmp_path / "out" / "test-job"
-    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
+    before = {p: p.stat().st_mtime_ns for p in _images(root)}
     second = run_job(load_spec(path), quiet=True)
     assert second.skipped_done == 4 and second.generated_now == 0 and second.rejected_now == 0
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before
+    assert {p: p.stat().st_mtime_ns for p in _images(root)} == before
     check_invariants(_db(tmp_path), str(root), "test-job", EXPECTED_ITEMS)
 
     # An image that no longer matches its sha256 is regenerated — to identical bytes, since seeds are data.
@@ -96,3 +100,31 @@ def test_bad_input_fails_before_launch(make_spec, tmp_path):
         run_job(load_spec(make_spec(ROWS, model={"id": str(tmp_path / "no-model")}, database=_db(tmp_path))))
     with pytest.raises(SpecError, match="sampler.name: .*flow_match_euler"):
         run_job(load_spec(make_spec(ROWS, sampler={"name": "flow_match_euler"}, database=_db(tmp_path))))
+
+
+def test_scored_run_routes_by_decision_and_records_every_score(make_spec, tmp_path):
+    rows = [
+        {"prompt_id": "mug", "prompt": "a red ceramic mug on a table", "num_images": 2},
+        {"prompt_id": "poster", "prompt": "a p0rn0 poster for the shop window"},  # screened: never generated
+    ]
+    db = _db(tmp_path)
+    spec = load_spec(make_spec(rows, database=db, scoring={"enabled": True}, policy={"regenerate_tries": 0}))
+    summary = run_job(spec, quiet=True)
+    assert summary.counts == {"generated": 2, "blocked": 1}
+    counts = check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 3)
+    assert counts == {"generated": 2, "blocked": 1}
+    store = AuditStore(db)
+    items = {(it.prompt_id, it.sample_index): it for it in store.iter_items("test-job")}
+    store.dispose()
+    blocked = items[("poster", 0)]
+    assert blocked.decision == "block" and blocked.image_uri is None
+    assert blocked.reasons[0]["code"] == "prompt_blocklist" and blocked.reasons[0]["rule"]
+    for k in (0, 1):
+        scores = items[("mug", k)].scores
+        for key in ("clip_cosine", "clipscore", "nsfw", "nsfw_open_nsfw", "bias_person", "clip_rank"):
+            assert key in scores, key
+        assert scores["clipscore"] == pytest.approx(2.5 * max(scores["clip_cosine"], 0.0))
+        assert 0.0 <= scores["nsfw"] < 0.3  # benign tiny-model output stays under the review threshold
+    assert sorted(items[("mug", k)].scores["clip_rank"] for k in (0, 1)) == [1, 2]
+    assert summary.decisions == {"pass": 2}
+    assert (tmp_path / "out" / "test-job" / "reports" / "bias" / "bias.md").exists()

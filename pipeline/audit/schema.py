@@ -215,3 +215,20 @@ class EventRow(Base):
         Index("ix_events_item_id_seq", "item_id", "seq"),  # an item's history; its latest record
         Index("ix_events_kind_item_id_seq", "kind", "item_id", "seq"),  # latest review decision per item
     )
+
+
+class LeaseRow(Base):
+    """Who is running a job right now: one row per running job, renewed by its holder's heartbeat.
+
+    Operational state, not audit history (so not chained): a lease whose holder died expires on its own.
+    ``expires_at`` is the holder's clock in epoch seconds; hosts of one cluster are assumed NTP-synchronised.
+    """
+
+    __tablename__ = "leases"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))  # a random id per run_job call
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float] = mapped_column(Float)
+    acquired_at: Mapped[datetime] = mapped_column(server_default=utcnow())

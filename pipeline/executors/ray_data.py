@@ -7,17 +7,34 @@ on the worker, so GPU choice and model loading happen where the model will run.
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import time
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.executors.common import run_stage
+from pipeline.metrics import record_stage_latency
 from pipeline.stages.base import Stage
+from pipeline.storage import Storage
 from schemas.record import Item, items_from_table, items_to_table
 
 # Read tasks are tiny (plan shards); a small CPU share keeps them from starving actors on small machines.
 READ_CPUS = 0.1
+
+
+def fault_probability(stage_name: str) -> float:
+    """Fault injection for tests and drills: ``GENPIPE_FAULT_KILL_GENERATOR=0.3`` makes a generator actor die
+    (``os._exit(1)``, no clean-up, like a segfault or an OOM kill) before returning a batch with probability
+    0.3. Any stage name works (``GENPIPE_FAULT_KILL_WRITE``...). Only ever read inside Ray actors."""
+    name = "GENERATOR" if stage_name == "generate" else stage_name.upper()
+    try:
+        return float(os.environ.get(f"GENPIPE_FAULT_KILL_{name}", "0"))
+    except ValueError:
+        return 0.0
 
 
 class _StageActor:
@@ -26,57 +43,107 @@ class _StageActor:
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.stage.setup()
+        self._kill_p = fault_probability(stage.name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return items_to_table(run_stage(self.stage, items_from_table(batch)))
+        start = time.perf_counter()
+        items = run_stage(self.stage, items_from_table(batch))
+        record_stage_latency(self.stage.name, time.perf_counter() - start)
+        if self._kill_p and items and _fault_fires(self._kill_p, items[0].item_id):
+            os._exit(1)  # the injected fault: Ray restarts the actor and retries the batch
+        return items_to_table(items)
+
+
+def _fault_fires(p: float, batch_id: str) -> bool:
+    """Draw the injected fault for one batch. With GENPIPE_FAULT_SEED the draws are reproducible: each try of a
+    batch draws from (seed, batch, kills so far), so a drill replays exactly. GENPIPE_FAULT_LOG names a file that
+    gets one line per kill, so a test can prove the faults happened."""
+    log = os.environ.get("GENPIPE_FAULT_LOG")
+    seed = os.environ.get("GENPIPE_FAULT_SEED")
+    if seed is not None:
+        previous = 0
+        if log and os.path.exists(log):
+            with open(log) as f:
+                previous = sum(1 for line in f if line.strip() == batch_id)
+        rng = random.Random(f"{seed}:{batch_id}:{previous}")
+    else:
+        rng = random.Random()
+    if rng.random() >= p:
+        return False
+    if log:
+        with open(log, "a") as f:
+            f.write(batch_id + "\n")
+    return True
 
 
 def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
     stage.setup()
-    return items_to_table(run_stage(stage, items_from_table(batch)))
+    start = time.perf_counter()
+    out = items_to_table(run_stage(stage, items_from_table(batch)))
+    record_stage_latency(stage.name, time.perf_counter() - start)
+    return out
 
 
 def init_ray(num_cpus: float | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray for this process."""
     import ray
 
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not ray.is_initialized():
+        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # Ray Data's periodic INFO progress dumps would bury genpipe's own progress line.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _read_row_group(batch: pa.Table, storage: Storage) -> pa.Table:
+    """One plan row group (a generator batch) per input row: (shard key, row group index) → items."""
+    tables = []
+    for key, group in zip(batch.column("shard").to_pylist(), batch.column("row_group").to_pylist(), strict=True):
+        with storage.fs.open(storage.path(key), "rb") as f:
+            tables.append(pq.ParquetFile(f).read_row_group(group))
+    return pa.concat_tables(tables)
 
 
 def run_ray(
     stages: list[Stage],
-    plan_paths: list[str],
+    row_groups: list[tuple[str, int]],
+    storage: Storage,
     batch_size: int,
     sink: Callable[[list[Item]], None],
-    filesystem=None,
 ) -> None:
+    """Run ``stages`` over the plan's row groups ((shard key, index) pairs; one generator batch each).
+
+    The dataset starts from the list of row groups (a few bytes each, built in the driver) instead of
+    ``read_parquet``: every Ray Data operator then runs with the fractional CPUs we give it, so on a small
+    machine no listing or repartition task waits for a whole free CPU behind the actors."""
     import ray
 
-    ds = ray.data.read_parquet(plan_paths, filesystem=filesystem, num_cpus=READ_CPUS)
-    # Plan shards are read a file per block; streaming repartition cuts them into generator-sized blocks
-    # so every actor of the pool gets work from the first shard on.
-    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    ds = ray.data.from_items([{"shard": key, "row_group": group} for key, group in row_groups])
+    ds = ds.map_batches(_read_row_group, fn_kwargs={"storage": storage}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=READ_CPUS)  # fmt: skip
     for stage in stages:
         res = stage.resources
+        fault_env = {k: v for k, v in os.environ.items() if k.startswith("GENPIPE_FAULT_")}
+        extra = {"runtime_env": {"env_vars": fault_env}} if fault_env else {}
         if res.stateful:
             ds = ds.map_batches(
                 _StageActor,
                 fn_constructor_kwargs={"stage": stage},
                 batch_size=batch_size,
                 batch_format="pyarrow",
-                concurrency=res.concurrency,
+                # A fixed-size pool: every actor starts (and loads its model) up front. Ray Data restarts an actor
+                # that dies and retries its batch (max_restarts / max_task_retries default to -1 for actor pools);
+                # exactly-once output comes from deterministic item ids and keys, not from Ray.
+                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
                 num_cpus=res.num_cpus,
                 num_gpus=res.num_gpus or None,
-                # An actor that dies is restarted and its batch retried; exactly-once comes from item ids.
-                max_restarts=-1,
-                max_task_retries=-1,
+                **extra,
             )
         else:
             ds = ds.map_batches(
@@ -85,7 +152,7 @@ def run_ray(
                 batch_size=batch_size,
                 batch_format="pyarrow",
                 num_cpus=res.num_cpus,
-                max_retries=3,
+                **extra,
             )
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         sink(items_from_table(batch))

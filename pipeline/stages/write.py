@@ -1,8 +1,13 @@
 """ImageWriter: encodes generated pixels, embeds the generation metadata, stores the image atomically.
 
-Keys are deterministic (``images/{prompt_id}/{prompt_id}-{sample:04d}-{item_id[:8]}.{ext}``) so a retried
+Keys are deterministic (``{prefix}/{prompt_id}/{prompt_id}-{sample:04d}-{item_id[:8]}.{ext}``) so a retried
 or resumed write lands on the same object instead of creating a second one. The sha256 of the exact bytes
 stored is recorded on the item.
+
+The prefix follows the policy decision, and ``image_key`` is the one place that decides it: only ``pass`` (or
+an unscored item, when scoring is off) goes under the public ``images/``; ``review`` goes under ``review/`` and
+``block`` under ``quarantine/``. Nothing flagged is ever written under the public prefix, and nothing is deleted
+or altered: a flagged image is stored byte for byte like a passed one, just elsewhere.
 """
 
 from __future__ import annotations
@@ -20,11 +25,24 @@ from schemas.record import Item
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PUBLIC_PREFIX = "images"
+REVIEW_PREFIX = "review"
+QUARANTINE_PREFIX = "quarantine"
+#: Where each decision's images go; ``None`` is an unscored item (scoring disabled).
+PREFIX_BY_DECISION: dict[str | None, str] = {
+    None: PUBLIC_PREFIX,
+    "pass": PUBLIC_PREFIX,
+    "review": REVIEW_PREFIX,
+    "block": QUARANTINE_PREFIX,
+}
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 
 
-def image_key(item: Item, prefix: str = PUBLIC_PREFIX) -> str:
-    """Where an item's image lives, relative to the job root. ``prompt_id`` was validated as path-safe."""
+def image_key(item: Item, prefix: str | None = None) -> str:
+    """Where an item's image lives, relative to the job root: under the prefix its decision selects (or an
+    explicit ``prefix``). ``prompt_id`` was validated as path-safe. An unknown decision raises rather than
+    falling back to the public prefix."""
+    if prefix is None:
+        prefix = PREFIX_BY_DECISION[item.decision]
     ext = EXTENSIONS[item.format]
     return f"{prefix}/{item.prompt_id}/{item.prompt_id}-{item.sample_index:04d}-{item.item_id[:8]}.{ext}"
 

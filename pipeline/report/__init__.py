@@ -1,0 +1,1 @@
+"""Set-level reports over a job's audit records (the bias report; ``genpipe report ...``)."""

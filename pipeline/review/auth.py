@@ -1,0 +1,139 @@
+"""Who is asking: a reviewer signed in with a session cookie, or one holding an API token; and CSRF tokens.
+
+A browser signs in with name + password and gets a signed session cookie (starlette's SessionMiddleware:
+itsdangerous-signed, HttpOnly, SameSite=Lax) holding the reviewer's id and name, the sign-in time and a CSRF
+token. Scripts send ``Authorization: Bearer <token>`` instead. Either way the reviewer is looked up in the
+audit DB on every request, so disabling an account or changing a role takes effect at once, and the name a
+review is recorded under is always this one, never anything a form or a URL says.
+
+Every state-changing form carries the session's CSRF token (hidden field ``csrf_token``); a POST whose token
+is missing or differs is refused with 403. Bearer requests need none: browsers never attach that header by
+themselves, so a forged cross-site request cannot carry it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from starlette.requests import Request
+
+from pipeline.audit.schema import ReviewerRow
+
+CSRF_FIELD = "csrf_token"
+_reviewers = ReviewerRow.__table__
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    id: int
+    name: str
+    role: str  # reviewer | admin
+    via: str  # session | token
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _enabled(store: Any, reviewer_id: int) -> dict[str, Any] | None:
+    query = select(_reviewers.c.id, _reviewers.c.name, _reviewers.c.role, _reviewers.c.disabled)
+    with store.engine.connect() as conn:
+        row = conn.execute(query.where(_reviewers.c.id == reviewer_id)).mappings().first()
+    return dict(row) if row is not None and not row["disabled"] else None
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header ("" when empty); None without such a header (other
+    schemes, e.g. an auth proxy's Basic, are not ours and leave the session in charge)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def current_reviewer(request: Request, store: Any, session_ttl: int) -> Reviewer | None:
+    """The authenticated reviewer of this request (cached on it), or None.
+
+    A request with an ``Authorization: Bearer`` header is judged by that token alone (a bad token is not
+    rescued by a cookie). A session older than ``session_ttl`` seconds, or whose reviewer was disabled or
+    removed, is cleared.
+    """
+    if hasattr(request.state, "reviewer"):
+        return request.state.reviewer
+    who: Reviewer | None = None
+    token = bearer_token(request)
+    if token is not None:
+        row = store.authenticate_token(token) if token else None
+        if row is not None:
+            who = Reviewer(row["id"], row["name"], row["role"], via="token")
+    else:
+        session = request.session
+        rid, signed_in = session.get("rid"), session.get("iat")
+        if isinstance(rid, int) and isinstance(signed_in, int | float):
+            row = _enabled(store, rid) if time.time() - signed_in < session_ttl else None
+            if row is not None and row["name"] == session.get("name"):
+                who = Reviewer(row["id"], row["name"], row["role"], via="session")
+            else:
+                session.clear()  # expired, disabled or gone: the browser must sign in again
+    request.state.reviewer = who
+    return who
+
+
+def sign_in(request: Request, row: dict[str, Any]) -> None:
+    """Start a fresh session for ``row`` (a new CSRF token too: nothing from before sign-in carries over)."""
+    request.session.clear()
+    request.session.update({"rid": row["id"], "name": row["name"], "iat": int(time.time())})
+    new_csrf_token(request)
+
+
+def sign_out(request: Request) -> None:
+    request.session.clear()
+
+
+def new_csrf_token(request: Request) -> str:
+    request.session[CSRF_FIELD] = secrets.token_urlsafe(32)
+    return request.session[CSRF_FIELD]
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, created on first use (the sign-in form gets one before anyone signs in)."""
+    token = request.session.get(CSRF_FIELD)
+    return token if isinstance(token, str) and token else new_csrf_token(request)
+
+
+def csrf_ok(request: Request, submitted: Any) -> bool:
+    expected = request.session.get(CSRF_FIELD)
+    if not isinstance(expected, str) or not expected or not isinstance(submitted, str):
+        return False
+    return hmac.compare_digest(expected.encode(), submitted.encode())
+
+
+class SignInThrottle:
+    """At most ``limit`` failed sign-ins per client address per ``window`` seconds (in memory, per process)."""
+
+    def __init__(self, limit: int = 20, window: float = 300.0) -> None:
+        self.limit, self.window = limit, window
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        failures = self._failures.setdefault(key, deque())
+        while failures and now - failures[0] > self.window:
+            failures.popleft()
+        return failures
+
+    def blocked(self, key: str) -> bool:
+        with self._lock:
+            return len(self._recent(key, time.monotonic())) >= self.limit
+
+    def failed(self, key: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._recent(key, now).append(now)
+            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
+                self._failures = {k: v for k, v in self._failures.items() if v and now - v[-1] <= self.window}

@@ -1,0 +1,164 @@
+"""Exactly-once under faults: actor kills, a crash between image write and record write, a killed driver.
+
+Each test ends by reading the database and the storage and checking invariants I1-I4."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.audit import AuditStore
+from pipeline.config import load_spec
+from pipeline.runner import run_job
+from pipeline.storage import Storage
+from tests.invariants import check_invariants
+
+ROWS = [{"prompt_id": f"sku-{i:03d}", "prompt": f"a studio shot of product {i}"} for i in range(12)]
+
+
+def _count(db: str, job: str = "test-job") -> int:
+    store = AuditStore(db)
+    try:
+        return sum(store.counts(job).values())
+    finally:
+        store.dispose()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_generator_actor_kills_still_give_exactly_once(make_spec, tmp_path, monkeypatch):
+    import ray
+
+    log = tmp_path / "kills.log"
+    monkeypatch.setenv("GENPIPE_FAULT_KILL_GENERATOR", "0.3")
+    monkeypatch.setenv("GENPIPE_FAULT_SEED", "7")  # a reproducible schedule of kills
+    monkeypatch.setenv("GENPIPE_FAULT_LOG", str(log))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        db = f"sqlite:///{tmp_path}/audit.db"
+        spec = load_spec(make_spec(ROWS, executor="ray", database=db, sampler={"steps": 2},
+                                   resources={"generator_actors": 2, "cpus_per_actor": 0.5, "batch_size": 2}))  # fmt: skip
+        summary = run_job(spec, quiet=True)
+    finally:
+        ray.shutdown()
+    assert summary.counts == {"generated": 12}
+    kills = log.read_text().split()
+    assert len(kills) >= 1, "no actor was killed: the drill proved nothing"
+    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 12)
+
+
+def test_crash_between_image_write_and_record_write(make_spec, tmp_path, monkeypatch):
+    db = f"sqlite:///{tmp_path}/audit.db"
+    path = make_spec(ROWS, database=db, sampler={"steps": 2}, resources={"batch_size": 4})
+    calls = {"n": 0}
+    original = AuditStore.write_items
+
+    def crash_on_second_batch(self, items, run_id):
+        if any(it.status == "generated" for it in items):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("simulated crash after the images were written")
+        return original(self, items, run_id)
+
+    monkeypatch.setattr(AuditStore, "write_items", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_job(load_spec(path), quiet=True)
+    monkeypatch.setattr(AuditStore, "write_items", original)
+    root = Storage(str(tmp_path / "out" / "test-job"))
+    assert len(list(root.walk("images"))) == 8 and _count(db) == 4  # 4 images have no record
+
+    rerun = run_job(load_spec(path), quiet=True)
+    assert rerun.skipped_done == 4 and rerun.generated_now == 8 and rerun.orphans_quarantined == 0
+    check_invariants(db, root.root, "test-job", 12)
+
+
+def test_orphan_that_matches_no_item_is_quarantined_not_deleted(make_spec, tmp_path):
+    db = f"sqlite:///{tmp_path}/audit.db"
+    run_job(load_spec(make_spec(ROWS[:2], database=db, sampler={"steps": 2})), quiet=True)
+    root = Storage(str(tmp_path / "out" / "test-job"))
+    root.write_atomic("images/sku-999/sku-999-0000-deadbeef.png", b"left behind by an older manifest")
+    rerun = run_job(load_spec(make_spec(ROWS[:2], database=db, sampler={"steps": 2})), quiet=True)
+    assert rerun.orphans_quarantined == 1
+    assert root.read("quarantine/orphans/images/sku-999/sku-999-0000-deadbeef.png").startswith(b"left behind")
+    check_invariants(db, root.root, "test-job", 2)
+
+
+@pytest.mark.timeout(240)
+def test_killed_driver_then_rerun_completes_without_duplicates(make_spec, tmp_path):
+    db = f"sqlite:///{tmp_path}/audit.db"
+    rows = [{"prompt_id": f"p{i:03d}", "prompt": f"banner {i}"} for i in range(40)]
+    path = make_spec(rows, database=db, sampler={"steps": 4}, resources={"batch_size": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", path, "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(f"{tmp_path}/audit.db") and _safe_count(db) >= 10:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    recorded = _count(db)
+    assert 10 <= recorded < 40
+
+    rerun = run_job(load_spec(path), quiet=True)
+    assert rerun.skipped_done == recorded and rerun.generated_now == 40 - recorded
+    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 40)
+
+
+def _safe_count(db: str) -> int:
+    try:
+        return _count(db)
+    except Exception:  # the database may not have its tables yet
+        return 0
+
+
+def test_concurrent_runs_of_one_job_one_runs_the_other_says_already_running(make_spec, tmp_path):
+    db = f"sqlite:///{tmp_path}/audit.db"
+    from pipeline.audit.lease import JobAlreadyRunning
+
+    rows = [{"prompt_id": f"p{i:03d}", "prompt": f"banner {i}"} for i in range(24)]
+    path = make_spec(rows, database=db, sampler={"steps": 8}, resources={"batch_size": 2})
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", path, "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _safe_count(db) == 0 and first.poll() is None:
+        time.sleep(0.3)
+    assert first.poll() is None, "the first run ended before the second could collide with it"
+    with pytest.raises(JobAlreadyRunning, match=r"job test-job is already running \(host .*, pid \d+\)") as info:
+        run_job(load_spec(path), quiet=True)  # in-process: it collides at once, while the first is mid-run
+    assert "\n" not in info.value.render()
+    assert first.poll() is None, "the first run finished before the collision was checked"
+    assert first.wait(timeout=180) == 0, first.stderr.read()[-2000:]
+    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 24)
+    assert run_job(load_spec(path), quiet=True).generated_now == 0  # the lease was released
+
+
+def test_a_dead_holders_lease_does_not_block_a_rerun(make_spec, tmp_path):
+    from pipeline.audit.lease import JobAlreadyRunning, JobLease
+
+    db = f"sqlite:///{tmp_path}/audit.db"
+    store = AuditStore(db)
+    try:
+        dead = JobLease(store, "test-job", ttl_s=3600)
+        dead.pid = 2**22 + 12345  # no such process on this host: its holder is dead
+        dead.acquire()
+        dead._stop.set()
+        JobLease(store, "test-job").acquire().release()  # taken over at once
+        live = JobLease(store, "test-job", ttl_s=3600).acquire()
+        with pytest.raises(JobAlreadyRunning, match="already running"):
+            JobLease(store, "test-job").acquire()
+        live.release()
+        other_host = JobLease(store, "test-job", ttl_s=0.5)
+        other_host.host = "some-other-node"
+        other_host.acquire()
+        other_host._stop.set()
+        time.sleep(0.6)
+        JobLease(store, "test-job").acquire().release()  # expired on its own
+    finally:
+        store.dispose()

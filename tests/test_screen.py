@@ -1,0 +1,167 @@
+"""Prompt screening: obfuscated variants of every blocklisted term are caught, benign e-commerce prompts are not
+(false-positive rate measured on the bundled list of 280 prompts), blocked items are never generated."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline.errors import SpecError
+from pipeline.scoring.check import check_scoring
+from pipeline.scoring.screen import Blocklist, PromptScreen, normalized_variants
+from schemas.record import Item
+from schemas.spec import JobSpec
+
+BENIGN = os.path.join(os.path.dirname(__file__), "..", "pipeline", "scoring", "data", "benign_prompts.txt")
+#: Asserted bound on the false-positive rate; the measured rate is in pipeline/scoring/README.md.
+MAX_FPR = 0.01
+
+_LEET = str.maketrans({"o": "0", "i": "1", "e": "3", "a": "4", "s": "5", "t": "7"})
+_CYRILLIC = str.maketrans({"o": "о", "a": "а", "e": "е", "p": "р", "c": "с", "x": "х", "y": "у"})
+OBFUSCATIONS = {
+    "upper": str.upper,
+    "leet": lambda w: w.translate(_LEET),
+    "spaced": lambda w: " ".join(w),
+    "dotted": lambda w: ".".join(w),
+    "dashed": lambda w: "-".join(w),
+    "zero_width": lambda w: "\u200b".join(w),
+    "cyrillic": lambda w: w.translate(_CYRILLIC),
+    "fullwidth": lambda w: "".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in w),
+    "accents": lambda w: "".join(c + "\u0301" if c != " " else c for c in w),
+    "stretched": lambda w: w[0] + w[1] * 3 + w[2:],
+    "split": lambda w: w[: len(w) // 2] + " " + w[len(w) // 2 :],
+    "symbols": lambda w: w.replace("a", "@").replace("s", "$").replace("i", "!"),
+    "mixed": lambda w: "".join(c.upper() if k % 2 else c for k, c in enumerate(w)).replace("o", "0").replace("O", "0"),
+}
+
+
+@pytest.fixture(scope="module")
+def screen() -> PromptScreen:
+    return PromptScreen()
+
+
+def benign_prompts() -> list[str]:
+    with open(BENIGN, encoding="utf-8") as fh:
+        return [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("kind", sorted(OBFUSCATIONS))
+def test_obfuscated_variants_of_every_blocklisted_term_are_caught(screen, kind):
+    missed = []
+    for rule in Blocklist.load().rules:
+        variant = OBFUSCATIONS[kind](rule.term.rstrip("*"))
+        hits = screen.check(f"studio photo of {variant}, high detail")
+        if rule.category not in {m.rule.category for m in hits}:
+            missed.append(variant)
+    assert not missed, missed
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("a p0rn0graphic poster", "sexual:porn*"),
+        ("P-O-R-N", "sexual:porn*"),
+        ("pоrn (Cyrillic o)", "sexual:porn*"),
+        ("ｎｓｆｗ", "sexual:nsfw"),
+        ("s\u00adex toys", "sexual:sex"),
+        ("n u d i t y everywhere", "sexual:nudity"),
+        ("$3X shop", "sexual:sex"),
+        ("blow job", "sexual:blowjob*"),
+        ("self-harm awareness", "self_harm:self harm"),
+        ("a child-pornography ring", "minors_sexual:child porn*"),
+        ("a n@z! rally", "extremism:nazi*"),
+    ],
+)
+def test_known_obfuscations(screen, text, rule):
+    assert rule in {m.rule.name for m in screen.check(text)}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a minimalist analog watch", "grape juice", "rapeseed oil", "a Middlesex jersey", "Gore-Tex jacket",
+     "a pussy willow branch", "cumin seeds", "a digital pedometer", "a therapist office", "an XXL hoodie",
+     "50% off sale!!!", "a banana cream pie", "a hen with tail feathers", "shot glasses", "sextant"],
+)  # fmt: skip
+def test_substring_lookalikes_are_not_blocked(screen, text):
+    assert screen.check(text) == ()
+
+
+def test_false_positive_rate_on_benign_ecommerce_prompts(screen):
+    prompts = benign_prompts()
+    assert len(prompts) >= 200 and len(set(prompts)) == len(prompts)
+    flagged = [(p, [m.rule.name for m in screen.check(p)]) for p in prompts]
+    flagged = [f for f in flagged if f[1]]
+    fpr = len(flagged) / len(prompts)
+    print(f"\nscreen false-positive rate: {len(flagged)}/{len(prompts)} = {fpr:.4f}")
+    assert fpr <= MAX_FPR, flagged
+
+
+def test_normalisation_undoes_case_width_accents_and_zero_width(screen):
+    assert ["porn"] in normalized_variants("ＰÓ\u200bRN")
+    assert normalized_variants("Kill") == [["kiii"]]  # l and i fold together: `k1ll` reads the same
+
+
+def _items(*prompts: str) -> list[Item]:
+    return [Item(item_id=f"{i:032x}", job="j", prompt_id=f"p{i}", sample_index=0, row_number=i, prompt=p,
+                 negative_prompt="nsfw, nude, blurry") for i, p in enumerate(prompts)]  # fmt: skip
+
+
+def test_screen_marks_blocked_items_with_the_rule_and_leaves_others_alone(screen):
+    ok, bad, rejected = _items("a white sneaker on a pedestal", "a pr0n poster", "whatever")
+    rejected.status = "rejected"
+    out = screen.screen([ok, bad, rejected])
+    assert out == [ok, bad, rejected]
+    assert ok.status == "pending" and ok.decision is None and ok.reasons == []  # negative prompt is not screened
+    assert rejected.status == "rejected" and rejected.reasons == []
+    assert bad.status == "blocked" and bad.decision == "block" and bad.pixels is None
+    (reason,) = bad.reasons
+    assert reason == {"code": "prompt_blocklist", "stage": "screen", "rule": "sexual:pron", "category": "sexual",
+                      "term": "pron", "matched": "pron", "field": "prompt", "version": "genpipe-default-1",
+                      "action": "block"}  # fmt: skip
+
+
+class _Classifier:
+    name, version = "toy-text-clf", "1"
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, texts):
+        return [self.scores[t] for t in texts]
+
+
+def test_classifier_hook_acts_at_its_threshold_and_fails_closed():
+    a, b, c = _items("a mug", "a lamp", "a sofa")
+    screen = PromptScreen(classifier=_Classifier({"a mug": 0.49, "a lamp": 0.5, "a sofa": float("nan")}),
+                          classifier_threshold=0.5, classifier_action="block")  # fmt: skip
+    screen.screen([a, b, c])
+    assert a.status == "pending" and a.decision is None
+    assert b.status == "blocked" and b.reasons[0]["code"] == "prompt_classifier" and b.reasons[0]["score"] == 0.5
+    assert c.status == "pending" and c.decision == "review"  # NaN: not trusted, held for review
+
+    class Broken(_Classifier):
+        def score(self, texts):
+            raise TimeoutError("classifier down")
+
+    (d,) = _items("a chair")
+    PromptScreen(classifier=Broken({})).screen([d])
+    assert d.status == "pending" and d.decision == "review" and d.reasons[0]["code"] == "screen_error"
+
+
+def test_a_custom_blocklist_extends_the_default_and_is_checked_before_launch(tmp_path):
+    own = tmp_path / "brand.yaml"
+    own.write_text("version: brand-1\ncategories:\n  competitors:\n    action: review\n    terms: [acme*]\n")
+    spec = JobSpec(name="j", manifest="m", output="o", scoring={"screen": {"blocklist": str(own)}})
+    screen = PromptScreen.from_spec(spec)
+    assert screen.blocklist.version == "genpipe-default-1+brand-1"
+    (item,) = _items("an ACME-branded anvil")
+    screen.screen([item])
+    assert item.status == "pending" and item.decision == "review"
+    assert {m.rule.name for m in screen.check("p0rn")} == {"sexual:porn*"}
+    own.write_text("categories: [oops]\n")
+    with pytest.raises(SpecError) as info:
+        check_scoring(spec)
+    assert info.value.problems[0].startswith("scoring.screen.blocklist:")
+    off = JobSpec(name="j", manifest="m", output="o", scoring={"screen": {"enabled": False}})
+    assert PromptScreen.from_spec(off) is None
