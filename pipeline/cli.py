@@ -29,10 +29,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.runner import check_spec
     from pipeline.samplers import check_sampler
 
+    from pipeline.scoring.screen import PromptScreen
+
     spec = load_spec(args.spec, args.set)
     _, family = check_spec(spec)
     planner = ManifestPlanner(spec)
-    rows = bad = items = 0
+    screen = PromptScreen.from_spec(spec)
+    rows = bad = items = blocked = 0
     for row_number, raw in read_rows(spec.manifest):
         outcome = planner.plan_row(row_number, raw)
         rows += 1
@@ -46,9 +49,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             bad += 1
             for p in problems:
                 print(f"row {row_number} (prompt_id {outcome.prompt_id!r}): {p}")
-        else:
-            items += len(outcome.items)
-    print(f"spec {args.spec}: valid; manifest {spec.manifest}: {rows} rows, {bad} rejected, {items} images to generate")
+            continue
+        if screen is not None:
+            screen.screen(outcome.items[:1])  # samples of a row share its prompt
+            if outcome.items[0].status == "blocked":
+                blocked += 1
+                rules = ", ".join(r.get("rule", r["code"]) for r in outcome.items[0].reasons)
+                print(f"row {row_number} (prompt_id {outcome.prompt_id!r}): blocked by the prompt screen ({rules})")
+                continue
+        items += len(outcome.items)
+    print(f"spec {args.spec}: valid; manifest {spec.manifest}: {rows} rows, {bad} rejected, {blocked} blocked, "
+          f"{items} images to generate")  # fmt: skip
     return 0
 
 

@@ -20,7 +20,15 @@ def test_validate_lists_every_bad_row(make_spec, capsys):
     assert "row 3 (prompt_id 'ok'): prompt_id: duplicate of row 1" in out
     assert "row 4 (prompt_id 'n'): width: Input should be a multiple of 8" in out
     assert "row 4 (prompt_id 'n'): seed: Input should be greater than or equal to 0" in out
-    assert "4 rows, 3 rejected, 1 images to generate" in out
+    assert "4 rows, 3 rejected, 0 blocked, 1 images to generate" in out
+
+
+def test_validate_shows_prompts_the_screen_blocks(make_spec, capsys):
+    rows = [{"prompt_id": "ok", "prompt": "a mug"}, {"prompt_id": "bad", "prompt": "a p 0 r n poster"}]
+    assert main(["validate", make_spec(rows, scoring={"enabled": True})]) == 0
+    out = capsys.readouterr().out
+    assert "row 2 (prompt_id 'bad'): blocked by the prompt screen (sexual:porn*)" in out, out
+    assert "2 rows, 0 rejected, 1 blocked, 1 images to generate" in out
 
 
 def test_invalid_spec_exits_non_zero_naming_the_key(make_spec, capsys):

@@ -59,10 +59,11 @@ def test_demo_job_from_the_cli_and_its_rerun(tmp_path):
            "--set", "resources.cpus_per_actor=0.4"]  # fmt: skip
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "generated 26, rejected 4" in first.stdout, first.stdout
+    assert "generated 26, rejected 4, blocked 1, failed 0" in first.stdout, first.stdout
+    assert "decisions: pass 26" in first.stdout and "bias report:" in first.stdout, first.stdout
     spec = load_spec("jobs/demo/spec.yaml", [f"output={out}"])
-    check_invariants(spec.database_url(), str(out / spec.name), spec.name, 30)
+    check_invariants(spec.database_url(), str(out / spec.name), spec.name, 31)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "this run: generated 0, failed 0, skipped 26 already done" in second.stdout, second.stdout
-    check_invariants(spec.database_url(), str(out / spec.name), spec.name, 30)
+    check_invariants(spec.database_url(), str(out / spec.name), spec.name, 31)

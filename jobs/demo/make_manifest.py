@@ -1,7 +1,8 @@
 """Writes the demo manifest (``jobs/demo/manifest.parquet``) from the rows below.
 
 Three campaigns of realistic e-commerce / marketing prompts, with seeds, a few per-row overrides, pass-through
-columns (``brief_owner``) and three deliberately bad rows that the run must reject with reasons.
+columns (``brief_owner``), one prompt the safety screen must block, and four deliberately bad rows that the run
+must reject with reasons.
 Run: ``python -m jobs.demo.make_manifest`` (the committed Parquet file is its output).
 """
 
@@ -66,6 +67,9 @@ def rows() -> list[dict]:
     by_id["cat-sku-1005"].update(steps=30, guidance_scale=9.0)  # a detailed macro shot
     by_id["holiday-teaser-02"].update(sampler="dpmpp_2m", steps=15)
     by_id["holiday-teaser-05"].update(sampler="euler_ancestral", num_images=2)
+    # A prompt the screen blocks (obfuscated blocklist term): a `blocked` record naming the rule, never generated.
+    out.append({"prompt_id": "spring-social-03", "prompt": "an N.S.F.W swimwear teaser for the summer sale",
+                "campaign": "spring-2027", "tags": ["spring"]})  # fmt: skip
     # Deliberately bad rows: each must become a `rejected` record with its reason, and the job must go on.
     out.append({"prompt_id": "../../etc/passwd", "prompt": "a path traversal attempt as a prompt id",
                 "campaign": "holiday-teaser"})  # fmt: skip
