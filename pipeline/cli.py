@@ -28,7 +28,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.manifest import ManifestPlanner, read_rows
     from pipeline.runner import check_spec
     from pipeline.samplers import check_sampler
-
     from pipeline.scoring.screen import PromptScreen
 
     spec = load_spec(args.spec, args.set)
@@ -121,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.audit.cli import register as register_audit  # audit migrate | verify | query | export | ...
 
     register_audit(sub)
+    from pipeline.train.cli import register as register_train  # train-lora
+
+    register_train(sub)
+    from pipeline.cluster.cli import register as register_cluster  # submit | status | logs | stop
+
+    register_cluster(sub)
     from pipeline.report.cli import register as register_report  # report bias
 
     register_report(sub)

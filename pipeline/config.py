@@ -6,6 +6,7 @@ before anything launches.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import yaml
@@ -74,7 +75,7 @@ def load_spec_data(path: str) -> dict[str, Any]:
 
 def load_spec(path: str | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> JobSpec:
     """Read, override and validate a spec. Raises ``SpecError`` carrying every problem."""
-    data = dict(base or {})
+    data = copy.deepcopy(base or {})  # --set must never change the caller's nested dicts
     if path is not None:
         data.update(load_spec_data(path))
     data = apply_overrides(data, list(overrides))

@@ -367,11 +367,31 @@ def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: list[
     from pipeline.executors.ray_data import init_ray, run_ray
 
     init_ray()
+    _precheck_cluster(spec)
     row_groups = []
     for key in shards:
         with storage.fs.open(storage.path(key), "rb") as f:
             row_groups += [(key, i) for i in range(pq.ParquetFile(f).num_row_groups)]
     run_ray(stages, row_groups, storage, spec.resources.batch_size, sink)
+
+
+def _precheck_cluster(spec: JobSpec) -> None:
+    """Refuse, in one line, a job the connected cluster cannot place (e.g. GPUs on a CPU-only cluster) instead of
+    letting Ray Data wait forever for resources. GENPIPE_NO_PRECHECK=1 skips it (autoscaling clusters)."""
+    import ray
+
+    from pipeline.cluster.resources import check_fit, resource_plan
+
+    if os.environ.get("GENPIPE_NO_PRECHECK") == "1":
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problems = check_fit(resource_plan(spec), nodes)
+    if problems:
+        raise SpecError(
+            f"resources: the Ray cluster cannot run this job: {problems[0]}; lower resources.* or add nodes "
+            "(set GENPIPE_NO_PRECHECK=1 on an autoscaling cluster)",
+            problems=problems[1:],
+        )
 
 
 def _read_shards(storage: Storage, shards: list[str], batch_size: int):

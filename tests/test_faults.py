@@ -41,8 +41,8 @@ def test_generator_actor_kills_still_give_exactly_once(make_spec, tmp_path, monk
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         db = f"sqlite:///{tmp_path}/audit.db"
-        spec = load_spec(make_spec(ROWS, executor="ray", database=db, sampler={"steps": 2},
-                                   resources={"generator_actors": 2, "cpus_per_actor": 0.5, "batch_size": 2}))  # fmt: skip
+        resources = {"generator_actors": 2, "cpus_per_actor": 0.5, "batch_size": 2}
+        spec = load_spec(make_spec(ROWS, executor="ray", database=db, sampler={"steps": 2}, resources=resources))
         summary = run_job(spec, quiet=True)
     finally:
         ray.shutdown()

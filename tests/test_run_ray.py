@@ -52,6 +52,14 @@ def test_ray_data_run_with_two_generator_actors(ray_local, make_spec, tmp_path):
     store.dispose()
 
 
+def test_a_job_the_cluster_cannot_place_fails_in_one_line(ray_local, make_spec, tmp_path):
+    from pipeline.errors import SpecError
+
+    path = make_spec(ROWS, executor="ray", database=f"sqlite:///{tmp_path}/a.db", resources={"gpus_per_actor": 1})
+    with pytest.raises(SpecError, match=r"resources: the Ray cluster cannot run this job: .*GPU"):
+        run_job(load_spec(path), quiet=True)
+
+
 @pytest.mark.timeout(420)
 def test_demo_job_from_the_cli_and_its_rerun(tmp_path):
     out = tmp_path / "demo"

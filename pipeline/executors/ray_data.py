@@ -91,6 +91,9 @@ def init_ray(num_cpus: float | None = None) -> None:
     if not ray.is_initialized():
         env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
         if os.environ.get("RAY_ADDRESS"):
+            # Inside a submitted job the job's own runtime_env (working_dir, env_vars) already applies; ours must
+            # override rather than fail to merge when both name HF_HUB_OFFLINE.
+            os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
