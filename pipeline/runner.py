@@ -82,8 +82,11 @@ class RunSummary:
             "  decisions: " + (", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items())) or "none"),
             *([f"  regenerated: {self.regenerated_now} flagged images tried again"] if self.regenerated_now else []),
             f"  throughput: {self.images_per_s:.2f} images/s over {self.elapsed_s:.1f} s",
-            *([f"  orphans:  {self.orphans_quarantined} images without a record moved to quarantine/orphans/"]
-              if self.orphans_quarantined else []),
+            *(
+                [f"  orphans:  {self.orphans_quarantined} images without a record moved to quarantine/orphans/"]
+                if self.orphans_quarantined
+                else []
+            ),
             f"  images:   {self.images}",
             f"  results:  {self.results}",
             f"  database: {self.database}",
@@ -280,8 +283,12 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         summary.items_total = sum(summary.counts.values())
         summary.images = storage.url("images")
         summary.results = storage.url(RESULTS_KEY)
-        attempted = pc["pending"] + summary.regenerated_now
-        over_budget = attempted and outcome["failed"] / attempted > spec.policy.max_failure_fraction
+        # The error budget is the job's, not this run's: failed items over every item that was to be generated.
+        failed, attempted = (
+            summary.counts.get("failed", 0),
+            summary.counts.get("failed", 0) + summary.counts.get("generated", 0),
+        )
+        over_budget = attempted and failed / attempted > spec.policy.max_failure_fraction
         summary.status = "failed" if over_budget else "succeeded"
     except BaseException:
         summary.status = "failed"
@@ -298,8 +305,9 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         if summary.status != "running":
             _write_summary(storage, summary)
     if summary.status == "failed":
+        failed = summary.counts.get("failed", 0)
         raise JobFailed(
-            f"job {spec.name}: {summary.failed_now} of {summary.generated_now + summary.failed_now} items failed, "
+            f"job {spec.name}: {failed} of {failed + summary.counts.get('generated', 0)} items failed, "
             f"over policy.max_failure_fraction={spec.policy.max_failure_fraction}\n{summary.render()}"
         )
     return summary

@@ -162,3 +162,27 @@ def test_a_dead_holders_lease_does_not_block_a_rerun(make_spec, tmp_path):
         JobLease(store, "test-job").acquire().release()  # expired on its own
     finally:
         store.dispose()
+
+
+def test_permanent_item_failures_are_recorded_and_the_error_budget_decides(make_spec, tmp_path):
+    from pipeline.errors import JobFailed
+
+    rows = [{"prompt_id": f"ok-{i}", "prompt": f"a lamp {i}"} for i in range(3)]
+    rows.append({"prompt_id": "broken", "prompt": "a lamp in a missing style", "lora": str(tmp_path / "no-such")})
+    db = f"sqlite:///{tmp_path}/audit.db"
+    with pytest.raises(JobFailed, match=r"1 of 4 items failed, over policy.max_failure_fraction=0.0"):
+        run_job(load_spec(make_spec(rows, database=db, sampler={"steps": 2})), quiet=True)
+    store = AuditStore(db)
+    try:
+        items = {it.prompt_id: it for it in store.iter_items("test-job")}
+        runs = store.runs("test-job")
+    finally:
+        store.dispose()
+    failed = items["broken"]
+    assert failed.status == "failed" and failed.error and failed.reasons[-1]["exception"] in failed.error
+    assert all(items[f"ok-{i}"].status == "generated" for i in range(3))  # the job went on
+    assert runs[-1]["status"] == "failed"
+    # Within budget the same job succeeds (the rerun retries the failed item, which fails again).
+    summary = run_job(load_spec(make_spec(rows, database=db, sampler={"steps": 2},
+                                          policy={"max_failure_fraction": 0.5})), quiet=True)  # fmt: skip
+    assert summary.status == "succeeded" and summary.failed_now == 1 and summary.counts["failed"] == 1
