@@ -75,6 +75,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not args.no_model_check:
         check_spec(spec)
     sub = build_submission(args.spec, spec, args.set, args.working_dir, args.env)
+    if args.no_precheck:  # skipped here, so skipped in the job too (autoscaling clusters grow after submission)
+        sub.runtime_env["env_vars"]["GENPIPE_NO_PRECHECK"] = "1"
     if sub.skipped_env:
         sub.notes.append(f"not forwarding {', '.join(sub.skipped_env)} (looks secret; --env NAME forwards it)")
     if args.dry_run:
