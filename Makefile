@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.genpipe-installed
 
-.PHONY: demo test test-all lint install bench clean
+.PHONY: demo test test-all lint install bench bench-scale bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,27 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Benchmarks (benchmarks/README.md): each merges its section into $(BENCH_JSON) and prints markdown tables.
+# `bench`: throughput (bare diffusers loop vs genpipe: scoring off/on, batch-invariant, Ray 1 vs 2 actors), manifest
+# planning on 20k rows and audit writes (SQLite, and PostgreSQL on 127.0.0.1:5432 when one answers); about
+# 10 minutes on a quiet 2-core machine. `bench-scale`: the 1,000,000-row manifest (plan with the prompt screen
+# is the slow part, see RESULTS.md). `bench-gpu`: SDXL-size model on CUDA with MFU (fails at once without a GPU).
+BENCH_JSON ?= benchmarks/results.json
+BENCH_ENV  := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+bench: $(STAMP)
+	$(BENCH_ENV) $(PY) -m benchmarks.throughput --json $(BENCH_JSON) --md benchmarks/results-throughput.md
+	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 20000 --modes dry,validate_cli,plan_noscreen,plan \
+		--json $(BENCH_JSON) --md benchmarks/results-manifest.md
+	$(BENCH_ENV) $(PY) -m benchmarks.audit_writes --json $(BENCH_JSON) --md benchmarks/results-audit.md
+
+bench-scale: $(STAMP)
+	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 1000000 --tag 1m --json $(BENCH_JSON) \
+		--md benchmarks/results-manifest-1m.md
+
+bench-gpu: $(STAMP)
+	$(BENCH_ENV) $(PY) -m benchmarks.gpu --json benchmarks/results-gpu.json --md benchmarks/results-gpu.md
 
 clean:
 	rm -rf runs .pytest_cache
