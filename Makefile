@@ -32,17 +32,18 @@ lint: $(STAMP)
 
 # Benchmarks (benchmarks/README.md): each merges its section into $(BENCH_JSON) and prints markdown tables.
 # `bench`: throughput (bare diffusers loop vs genpipe: scoring off/on, batch-invariant, Ray 1 vs 2 actors), manifest
-# planning on 20k rows and audit writes (SQLite, and PostgreSQL on 127.0.0.1:5432 when one answers); about
-# 10 minutes on a quiet 2-core machine. `bench-scale`: the 1,000,000-row manifest (plan with the prompt screen
-# is the slow part, see RESULTS.md). `bench-gpu`: SDXL-size model on CUDA with MFU (fails at once without a GPU).
+# planning on 20k rows and audit writes (SQLite, and PostgreSQL on 127.0.0.1:5432 when one answers); 7-8
+# minutes on a lightly loaded 2-core machine. `bench-scale`: the 1,000,000-row manifest (about 35 minutes; the
+# prompt screen is the slow part, see benchmarks/RESULTS.md). `bench-gpu`: an SDXL-size model on CUDA with MFU
+# (exits at once without a GPU).
 BENCH_JSON ?= benchmarks/results.json
 BENCH_ENV  := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 bench: $(STAMP)
-	$(BENCH_ENV) $(PY) -m benchmarks.throughput --json $(BENCH_JSON) --md benchmarks/results-throughput.md
+	$(BENCH_ENV) $(PY) -m benchmarks.throughput --repeat 3 --json $(BENCH_JSON) --md benchmarks/results-throughput.md
 	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 20000 --modes dry,validate_cli,plan_noscreen,plan \
 		--json $(BENCH_JSON) --md benchmarks/results-manifest.md
-	$(BENCH_ENV) $(PY) -m benchmarks.audit_writes --json $(BENCH_JSON) --md benchmarks/results-audit.md
+	$(BENCH_ENV) $(PY) -m benchmarks.audit_writes --prototype --json $(BENCH_JSON) --md benchmarks/results-audit.md
 
 bench-scale: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 1000000 --tag 1m --json $(BENCH_JSON) \

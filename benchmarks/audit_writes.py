@@ -304,12 +304,14 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"`{m['command']}`",
         "",
         f"Scored records (~{payload['record_bytes']:,} bytes of JSON each) through `AuditStore.write_items`, one call "
-        f"(one transaction) per batch: {payload['batch']} records, and the sink's size (one generator batch). Machine: {m['cpus']} CPUs; load average at start "
-        f"{m['loadavg_1_5_15']}, at end {payload['loadavg_end']}.",
+        f"(one transaction) per batch: {payload['batch']} records, and the sink's size (one generator batch, `@N`). "
+        f"Machine: {m['cpus']} CPUs; load average at start {m['loadavg_1_5_15']}, at end {payload['loadavg_end']}.",
         "",
         md_table(
             [
                 "backend",
+                "batch",
+                "records",
                 "inserts records/s",
                 "inserts per CPU-s (client)",
                 "rewrites records/s",

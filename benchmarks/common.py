@@ -147,6 +147,7 @@ def cpu_seconds() -> float:
 @dataclass
 class _Proc:
     title: str
+    first_title: str = ""  # what the process was when the window opened (a pre-started worker is ray::IDLE)
     peak_mb: float = 0.0
     cpu_start: float = 0.0
     cpu_last: float = 0.0
@@ -201,7 +202,8 @@ class ChildSampler:
             rec = self.procs.get(p.pid)
             if rec is None:
                 # A process born inside the window spent all its CPU inside it.
-                rec = self.procs[p.pid] = _Proc(title, cpu_start=0.0 if created >= self._started else cpu)
+                born = created >= self._started
+                rec = self.procs[p.pid] = _Proc(title, first_title=title, cpu_start=0.0 if born else cpu)
             if not title.startswith("ray::IDLE"):
                 rec.title = title
             rec.peak_mb = max(rec.peak_mb, round(rss, 1))
@@ -212,8 +214,9 @@ class ChildSampler:
         out = []
         for pid, rec in sorted(self.procs.items()):
             if rec.title.startswith("ray::") and "IDLE" not in rec.title:
-                out.append({"pid": pid, "title": rec.title, "peak_rss_mb": rec.peak_mb,
-                            "cpu_s": round(rec.cpu_last - rec.cpu_start, 2)})  # fmt: skip
+                cpu = round(rec.cpu_last - rec.cpu_start, 2)
+                out.append({"pid": pid, "title": rec.title, "peak_rss_mb": rec.peak_mb, "cpu_s": cpu,
+                            "title_at_start": rec.first_title})  # fmt: skip
         return out
 
     def cpu_seconds(self) -> float:

@@ -174,7 +174,9 @@ def add_mfu(cfg: Any, payload: dict[str, Any], override_tflops: float | None = N
     from benchmarks.throughput import resolved_model
 
     name = torch.cuda.get_device_name(0)
-    flops = unet_flops_per_image_step(resolved_model(cfg.model), cfg.dtype, cfg.width, cfg.height, cfg.guidance)
+    flops = unet_flops_per_image_step(
+        resolved_model(cfg.model), cfg.dtype, cfg.width, cfg.height, cfg.guidance, device=cfg.device
+    )
     peak, source = peak_tflops(name, cfg.dtype, override_tflops or float(os.environ.get("GENPIPE_PEAK_TFLOPS", 0)))
     per_image = flops["unet_flops_per_image_step"] * cfg.steps
     out: dict[str, Any] = {"device": name, "peak_tflops": peak, "peak_source": source, **flops,
@@ -185,7 +187,7 @@ def add_mfu(cfg: Any, payload: dict[str, Any], override_tflops: float | None = N
             ips = r.get(key)
             if ips:
                 achieved = per_image * ips / 1e12
-                row[key.replace("images_per_s", "achieved_tflops")] = round(achieved, 2)
+                row[key.replace("images_per_s", "achieved_tflops")] = round(achieved, 4)
                 if peak:
                     row[key.replace("images_per_s", "mfu")] = round(achieved / peak, 4)
         out["scenarios"][scenario] = row

@@ -77,7 +77,7 @@ def write_big_manifest(path: str, rows: int, chunk: int = 100_000) -> dict[str, 
             cols: dict[str, list] = {name: [] for name in schema.names}
             for i in range(start, min(rows, start + chunk)):
                 kind = i % BAD_EVERY
-                pid = f"sku-{i:08d}" if kind != 2 else f"sku-{i - 1:08d}"  # kind 2: duplicate of the row before
+                pid = f"sku-{i:08d}" if kind != 2 else f"sku-{i - 2:08d}"  # kind 2: duplicate of a valid row
                 prompt = "" if kind == 1 else f"{subjects[i % 6]} {i}, {styles[i % 3]}"
                 bad += kind in (1, 2, 3)
                 cols["prompt_id"].append(pid)
@@ -271,7 +271,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
                      r.get("rss_after_imports_mb"), r.get("peak_rss_mb"),
                      ("yes" if r["peak_rss_mb"] < GOAL_MB else "NO") if r.get("peak_rss_mb") else "–",
                      "/".join(f"{v:g}" for v in r["loadavg_after"][:1]),
-                     r.get("error", "")[:80] or r.get("summary_line", "")[:80]])  # fmt: skip
+                     r.get("error", "")[:80] or r.get("summary_line", "").split(": ")[-1][:80]])  # fmt: skip
     lines = [
         f"## Manifest scale — {m['date']}",
         "",

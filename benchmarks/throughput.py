@@ -19,8 +19,11 @@ planning, model load, generation, writing, audit DB, results.parquet, summary); 
 model load to the last image. Per-stage time comes from timing hooks put on genpipe's functions from outside
 (``benchmarks.common.Hooks``) and, for Ray actors, from the per-item timings genpipe records in the audit DB.
 
-    python -m benchmarks.throughput --json benchmarks/results.json --md benchmarks/results-throughput.md
+    python -m benchmarks.throughput --repeat 3 --json benchmarks/results.json --md benchmarks/results-throughput.md
     python -m benchmarks.throughput -n 16 --steps 4 --scenarios bare,noscore      # a quick smoke run
+
+Wall-clock numbers on a shared machine are only as good as its load average, recorded before and after every
+scenario; CPU seconds per image (and the model call's own thread CPU) are the load-insensitive cross-check.
 """
 
 from __future__ import annotations
@@ -392,9 +395,18 @@ def run_genpipe(cfg: Config, name: str, manifest: str, *, executor: str, scoring
         result["actors"] = actors_seen
         result["ray_processes_cpu_s"] = sampler.cpu_seconds()
         result["cpu_s_per_image"] = round((cpu_driver + sampler.cpu_seconds()) / max(1, len(generated)), 4)
-        gen = [a for a in actors_seen if "StageActor" in a["title"] or "MapWorker" in a["title"]]
+        # This run's generator actors (a previous run's actor may still be shutting down when this one starts).
+        gen = [a for a in actors_seen if "_StageActor" in a["title"] and "_StageActor" not in a["title_at_start"]]
         result["actor_peak_rss_mb"] = max((a["peak_rss_mb"] for a in gen), default=None)
     return {"result": result, "items": generated, "job_root": os.path.join(out, spec.name)}
+
+
+def _compare_arrays(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    keys = sorted(set(a) & set(b))
+    diffs = [int(np.abs(a[k].astype(np.int16) - b[k].astype(np.int16)).max()) for k in keys]
+    return {"compared": len(keys), "identical": sum(d == 0 for d in diffs), "max_abs_diff": max(diffs, default=0)}
 
 
 def compare_pixels(job_root: str, items: list, reference: dict[str, Any]) -> dict[str, Any]:
@@ -444,6 +456,10 @@ def run(cfg: Config, scenarios: list[str], repeat: int = 1) -> dict[str, Any]:
             if name in ("bare", "bare_per_image"):
                 out = run_bare(cfg, rows, per_image=name == "bare_per_image")
                 bare_pixels.setdefault(name, out["pixels"])
+                other = bare_pixels.get("bare" if name == "bare_per_image" else "bare_per_image")
+                if other is not None and other is not out["pixels"]:
+                    # Does batching change pixels here? (The price of batch_invariant buys exactly this.)
+                    out["result"]["pixels_vs_other_bare_mode"] = _compare_arrays(out["pixels"], other)
                 runs.setdefault(name, []).append(out["result"])
             else:
                 executor = "ray" if name.startswith("ray") else "local"
@@ -634,6 +650,9 @@ def render_markdown(cfg: Config, payload: dict[str, Any]) -> str:
                   "the actors' own times):", "",
                   md_table(["scenario", "generate_s", "score_s", "write_s"], actor_rows), ""]  # fmt: skip
     pix = [[n, *r[n]["pixels_vs_bare"].values()] for n in ALL_SCENARIOS if n in r and "pixels_vs_bare" in r[n]]
+    for n in ("bare", "bare_per_image"):
+        if n in r and "pixels_vs_other_bare_mode" in r[n]:
+            pix.append(["bare batched vs bare 1-image (oneDNN off)", *r[n]["pixels_vs_other_bare_mode"].values()])
     if pix:
         lines += ["Same work? genpipe's stored images against the bare loop's pixels (same prompt and seed):", "",
                   md_table(["scenario", "compared", "identical", "max |Δ| (0–255)"], pix), ""]  # fmt: skip
