@@ -650,9 +650,10 @@ def render_markdown(cfg: Config, payload: dict[str, Any]) -> str:
                   "the actors' own times):", "",
                   md_table(["scenario", "generate_s", "score_s", "write_s"], actor_rows), ""]  # fmt: skip
     pix = [[n, *r[n]["pixels_vs_bare"].values()] for n in ALL_SCENARIOS if n in r and "pixels_vs_bare" in r[n]]
-    for n in ("bare", "bare_per_image"):
+    for n in ("bare_per_image", "bare"):
         if n in r and "pixels_vs_other_bare_mode" in r[n]:
             pix.append(["bare batched vs bare 1-image (oneDNN off)", *r[n]["pixels_vs_other_bare_mode"].values()])
+            break
     if pix:
         lines += ["Same work? genpipe's stored images against the bare loop's pixels (same prompt and seed):", "",
                   md_table(["scenario", "compared", "identical", "max |Δ| (0–255)"], pix), ""]  # fmt: skip
