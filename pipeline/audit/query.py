@@ -20,7 +20,7 @@ from sqlalchemy import Connection, case, exists, func, select
 
 from pipeline.audit.chain import ITEM_FIELDS, REVIEW_KINDS, canonical_json
 from pipeline.audit.formats import open_output, write_parquet
-from pipeline.audit.records import _JSON, RECORD_FIELDS, RESULTS_SCHEMA
+from pipeline.audit.records import RECORD_FIELDS, RESULTS_SCHEMA
 from pipeline.audit.reviews import EFFECTIVE_DECISIONS, PUBLISHABLE, effective_decision_expr, latest_decision_subquery
 from pipeline.audit.schema import EventRow, ItemRow, ReviewerRow
 from pipeline.errors import GenpipeError
@@ -219,34 +219,22 @@ def iter_records(store: Any, filters: QueryFilters, batch: int = 500) -> Iterato
 
 # --- export of approved images -----------------------------------------------------------------------------
 
+#: Columns shared with results.parquet (same types), in export order; image columns are never null here.
+_EXPORT_RESULT_COLUMNS = (
+    "item_id", "job", "prompt_id", "prompt", "negative_prompt", "sample_index", "seed", "model", "model_revision",
+    "lora", "sampler", "steps", "guidance_scale", "width", "height", "campaign", "sku", "locale", "tags",
+    "image_uri", "image_sha256", "scores",
+)  # fmt: skip
 EXPORT_SCHEMA = pa.schema(
     [
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("job", pa.string(), nullable=False),
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("negative_prompt", pa.string()),
-        pa.field("sample_index", pa.int64(), nullable=False),
-        pa.field("seed", pa.int64()),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("model_revision", pa.string()),
-        pa.field("lora", pa.string(), nullable=False, metadata=_JSON),
-        pa.field("sampler", pa.string(), nullable=False),
-        pa.field("steps", pa.int64(), nullable=False),
-        pa.field("guidance_scale", pa.float64(), nullable=False),
-        pa.field("width", pa.int64(), nullable=False),
-        pa.field("height", pa.int64(), nullable=False),
-        pa.field("campaign", pa.string()),
-        pa.field("sku", pa.string()),
-        pa.field("locale", pa.string()),
-        pa.field("tags", pa.list_(pa.field("element", pa.string())), nullable=False),
-        pa.field("image_uri", pa.string(), nullable=False),
-        pa.field("image_sha256", pa.string(), nullable=False),
-        pa.field("scores", pa.string(), nullable=False, metadata=_JSON),
+        RESULTS_SCHEMA.field(name).with_nullable(False) if name.startswith("image_") else RESULTS_SCHEMA.field(name)
+        for name in _EXPORT_RESULT_COLUMNS
+    ]
+    + [
         pa.field("effective_decision", pa.string(), nullable=False),  # pass (auto) | approved (by a reviewer)
         pa.field("review_reviewer", pa.string()),
         pa.field("review_at", pa.timestamp("us", tz="UTC")),
-        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        RESULTS_SCHEMA.field("created_at"),
     ]
 )
 
