@@ -55,25 +55,29 @@ def test_generator_actor_kills_still_give_exactly_once(make_spec, tmp_path, monk
 def test_crash_between_image_write_and_record_write(make_spec, tmp_path, monkeypatch):
     db = f"sqlite:///{tmp_path}/audit.db"
     path = make_spec(ROWS, database=db, sampler={"steps": 2}, resources={"batch_size": 4})
-    calls = {"n": 0}
+    recorded: list[int] = []
     original = AuditStore.write_items
 
-    def crash_on_second_batch(self, items, run_id):
+    def crash_on_second_write(self, items, run_id):
+        # The executor coalesces batches that finish together, so a write holds one batch (4) or more.
         if any(it.status == "generated" for it in items):
-            calls["n"] += 1
-            if calls["n"] == 2:
+            if recorded:
                 raise RuntimeError("simulated crash after the images were written")
+            recorded.append(len(items))
         return original(self, items, run_id)
 
-    monkeypatch.setattr(AuditStore, "write_items", crash_on_second_batch)
+    monkeypatch.setattr(AuditStore, "write_items", crash_on_second_write)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_job(load_spec(path), quiet=True)
     monkeypatch.setattr(AuditStore, "write_items", original)
     root = Storage(str(tmp_path / "out" / "test-job"))
-    assert len(list(root.walk("images"))) == 8 and _count(db) == 4  # 4 images have no record
+    done = recorded[0]
+    assert 4 <= done < 12 and _count(db) == done
+    # The crashed write's images are on storage without a record (the pipeline may have written more ahead).
+    assert len(list(root.walk("images"))) >= done + 4
 
     rerun = run_job(load_spec(path), quiet=True)
-    assert rerun.skipped_done == 4 and rerun.generated_now == 8 and rerun.orphans_quarantined == 0
+    assert rerun.skipped_done == done and rerun.generated_now == 12 - done and rerun.orphans_quarantined == 0
     check_invariants(db, root.root, "test-job", 12)
 
 

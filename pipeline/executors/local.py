@@ -1,16 +1,153 @@
-"""The in-process executor: every stage set up once, then each batch through the stage list, in order."""
+"""The in-process executor: the stage list as a pipeline of threads, one per stage, with the sink in the caller.
+
+Each stage sets itself up and then takes batches, in order, from a small queue fed by the stage before it, so
+while the generator works on batch k+1 the scorer scores batch k and the writer encodes batch k-1 (torch,
+onnxruntime and PNG encoding release the GIL). Order is kept end to end: the sink sees batches in plan order.
+The sink (the audit write) gets, in one call, every finished batch that is already waiting — up to
+``SINK_MAX_ITEMS`` records — so a slow database catches up in bigger transactions without ever holding a
+record back. ``pipelined=False`` runs the same stages one batch at a time in the calling thread.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
-from pipeline.executors.common import run_stages
+from pipeline.executors.common import run_stage, run_stages
 from pipeline.stages.base import Stage
 from schemas.record import Item
 
+QUEUE_DEPTH = 2  # batches waiting between two stages: enough to keep both busy, few enough to bound memory
+SINK_MAX_ITEMS = 512  # records per audit transaction at most, when the sink has fallen behind
+_POLL_S = 0.1  # how often a blocked thread looks whether the run was stopped
+_DONE = object()  # end of the stream
 
-def run_local(stages: list[Stage], batches: Iterable[list[Item]], sink: Callable[[list[Item]], None]) -> None:
-    for stage in stages:
-        stage.setup()
-    for items in batches:
-        sink(run_stages(stages, items))
+
+def run_local(
+    stages: list[Stage],
+    batches: Iterable[list[Item]],
+    sink: Callable[[list[Item]], None],
+    *,
+    pipelined: bool = True,
+) -> None:
+    if not pipelined:
+        for stage in stages:
+            stage.setup()
+        for items in batches:
+            sink(run_stages(stages, items))
+        return
+    with _Pipeline(stages, batches) as pipe:
+        for items in pipe.results():
+            sink(items)
+
+
+class _Pipeline:
+    """Threads and queues: source → stage 1 → … → stage n → ``results()``. The first error anywhere stops
+    every thread and is raised in the caller; leaving the ``with`` block (normally or not) waits for the threads,
+    so nothing is still writing images once ``run_local`` has returned or raised."""
+
+    def __init__(self, stages: list[Stage], batches: Iterable[list[Item]]) -> None:
+        self._stop = threading.Event()
+        self._started = threading.Event()  # set at the first batch, or at the end of an empty stream
+        self._empty = True
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._queues = [queue.Queue(QUEUE_DEPTH) for _ in range(len(stages) + 1)]
+        self._threads = [threading.Thread(target=self._feed, args=(iter(batches),), name="genpipe-source", daemon=True)]
+        for i, stage in enumerate(stages):
+            self._threads.append(
+                threading.Thread(target=self._work, args=(stage, i), name=f"genpipe-{stage.name}", daemon=True)
+            )
+
+    def __enter__(self) -> _Pipeline:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def results(self) -> Iterator[list[Item]]:
+        last = self._queues[-1]
+        while True:
+            got = self._get(last)
+            if got is _DONE:
+                self._raise_if_failed()
+                return
+            batch = list(got)
+            # Coalesce what is already finished (never wait for more): one transaction instead of several.
+            while len(batch) < SINK_MAX_ITEMS:
+                try:
+                    more = last.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _DONE:
+                    last.put(_DONE)  # seen again on the next call
+                    break
+                batch.extend(more)
+            yield batch
+
+    # --- the threads ----------------------------------------------------------------------------------------------
+    def _feed(self, batches: Iterator[list[Item]]) -> None:
+        try:
+            for items in batches:
+                self._empty = False
+                self._started.set()
+                if not self._put(self._queues[0], items):
+                    return
+            self._put(self._queues[0], _DONE)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._started.set()
+
+    def _work(self, stage: Stage, i: int) -> None:
+        inbox, outbox = self._queues[i], self._queues[i + 1]
+        try:
+            # Set up in the stage's own thread, once there is work (a rerun with nothing left loads no model):
+            # the stages' model loads overlap each other and the first batch.
+            while not self._started.wait(_POLL_S):
+                if self._stop.is_set():
+                    return
+            if not self._empty:
+                stage.setup()
+            while True:
+                got = self._get(inbox)
+                if got is _DONE:
+                    self._put(outbox, _DONE)
+                    return
+                if not self._put(outbox, run_stage(stage, got)):
+                    return
+        except BaseException as exc:
+            self._fail(exc)
+
+    # --- stopping ---------------------------------------------------------------------------------------------
+    def _put(self, q: queue.Queue, value) -> bool:
+        while not self._stop.is_set():
+            try:
+                q.put(value, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue):
+        while True:
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return _DONE
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+        self._stop.set()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error

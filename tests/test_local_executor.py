@@ -1,0 +1,153 @@
+"""The in-process executor's pipeline of threads: order, overlap, coalesced sink writes, errors and stopping."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline.executors import local
+from pipeline.executors.local import run_local
+from pipeline.stages.base import Stage
+from schemas.record import Item
+
+
+def _items(n: int, batch: int) -> list[list[Item]]:
+    items = [
+        Item(item_id=f"id-{i:03d}", job="j", prompt_id=f"p{i}", sample_index=0, row_number=i, prompt=f"p {i}")
+        for i in range(n)
+    ]
+    return [items[i : i + batch] for i in range(0, n, batch)]
+
+
+class Tag(Stage):
+    """Appends its name to every item's ``metadata["seen"]``; optionally sleeps, fails or records its thread."""
+
+    def __init__(self, name: str, sleep_s: float = 0.0, fail_on: str | None = None) -> None:
+        self.name, self.sleep_s, self.fail_on = name, sleep_s, fail_on
+        self.setup_thread: str | None = None
+        self.busy: list[tuple[float, float]] = []
+
+    def setup(self) -> None:
+        self.setup_thread = threading.current_thread().name
+
+    def process(self, items: list[Item]) -> list[Item]:
+        start = time.monotonic()
+        if self.fail_on and any(it.item_id == self.fail_on for it in items):
+            raise ValueError(f"{self.name} cannot handle {self.fail_on}")
+        time.sleep(self.sleep_s)
+        for it in items:
+            it.metadata.setdefault("seen", []).append(self.name)
+        self.busy.append((start, time.monotonic()))
+        return items
+
+
+class Dropper(Stage):
+    name = "dropper"
+
+    def process(self, items: list[Item]) -> list[Item]:
+        return items[1:]  # a bug: stages never drop
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_every_item_through_every_stage_in_order(pipelined):
+    stages = [Tag("a"), Tag("b"), Tag("c")]
+    out: list[Item] = []
+    run_local(stages, _items(10, 3), out.extend, pipelined=pipelined)
+    assert [it.item_id for it in out] == [f"id-{i:03d}" for i in range(10)]
+    assert all(it.metadata["seen"] == ["a", "b", "c"] for it in out)
+    assert all(it.status == "pending" for it in out)
+
+
+def test_stages_set_up_in_their_own_threads_and_overlap():
+    slow_a, slow_b = Tag("a", sleep_s=0.05), Tag("b", sleep_s=0.05)
+    run_local([slow_a, slow_b], _items(12, 2), lambda items: None)
+    assert slow_a.setup_thread == "genpipe-a" and slow_b.setup_thread == "genpipe-b"
+    # b works on batch k while a works on batch k+1: some of their busy intervals intersect.
+    overlaps = sum(1 for s1, e1 in slow_a.busy for s2, e2 in slow_b.busy if s1 < e2 and s2 < e1)
+    assert overlaps >= 3
+
+
+def test_a_slow_sink_gets_finished_batches_coalesced_in_order():
+    calls: list[list[str]] = []
+
+    def slow_sink(items):
+        calls.append([it.item_id for it in items])
+        time.sleep(0.1)
+
+    run_local([Tag("a")], _items(24, 2), slow_sink)
+    assert [i for call in calls for i in call] == [f"id-{i:03d}" for i in range(24)]
+    assert len(calls) < 12 and max(len(c) for c in calls) > 2  # waited-for batches went in one call
+
+
+def test_sink_writes_are_capped(monkeypatch):
+    monkeypatch.setattr(local, "SINK_MAX_ITEMS", 4)
+    monkeypatch.setattr(local, "QUEUE_DEPTH", 8)
+    sizes: list[int] = []
+
+    def slow_sink(items):
+        sizes.append(len(items))
+        time.sleep(0.05)
+
+    run_local([Tag("a")], _items(40, 2), slow_sink)
+    assert sum(sizes) == 40 and max(sizes) == 4
+
+
+def test_a_stage_error_fails_that_batch_and_the_run_goes_on():
+    out: list[Item] = []
+    run_local([Tag("a", fail_on="id-004"), Tag("b")], _items(8, 2), out.extend)
+    failed = [it.item_id for it in out if it.status == "failed"]
+    assert failed == ["id-004", "id-005"] and len(out) == 8
+    assert out[4].reasons[-1]["stage"] == "a" and "cannot handle id-004" in out[4].error
+
+
+@pytest.mark.timeout(30)
+def test_a_stage_that_drops_items_stops_the_run_with_its_error():
+    with pytest.raises(RuntimeError, match="stage 'dropper' returned 1 items for 2"):
+        run_local([Tag("a"), Dropper(), Tag("c")], _items(8, 2), lambda items: None)
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_setup_is_raised():
+    class Broken(Tag):
+        def setup(self):
+            raise OSError("weights missing")
+
+    with pytest.raises(OSError, match="weights missing"):
+        run_local([Broken("a"), Tag("b")], _items(4, 2), lambda items: None)
+
+
+@pytest.mark.timeout(30)
+def test_a_sink_error_stops_every_thread_before_it_is_raised():
+    gen = Tag("gen", sleep_s=0.02)
+    before = threading.active_count()
+    seen: list[int] = []
+
+    def sink(items):
+        seen.append(len(items))
+        raise RuntimeError("database is gone")
+
+    with pytest.raises(RuntimeError, match="database is gone"):
+        run_local([gen, Tag("write")], _items(200, 2), sink)
+    assert threading.active_count() == before  # no stage thread left running
+    # It stopped early: a few batches ran ahead into the queues, not the whole stream.
+    assert len(gen.busy) < 20
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_batch_source_is_raised():
+    def batches():
+        yield _items(2, 2)[0]
+        raise ValueError("shard is corrupt")
+
+    out: list[Item] = []
+    with pytest.raises(ValueError, match="shard is corrupt"):
+        run_local([Tag("a")], batches(), out.extend)
+
+
+def test_no_batches_means_no_stage_is_set_up():
+    a = Tag("a")
+    out: list[Item] = []
+    run_local([a], iter(()), out.extend)
+    assert out == [] and a.setup_thread is None
