@@ -18,8 +18,10 @@ def _eta(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, stream: TextIO | None = None, every_s: float = 5.0) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, every_s: float = 5.0, planning: bool = False) -> None:
         self.total = total
+        self.planning = planning
+        """True while the plan is still growing ``total``: the line says so and the ETA waits."""
         self.done = 0
         self.images = 0
         self.start = time.monotonic()
@@ -28,11 +30,14 @@ class Progress:
         self.every_s = 0.2 if self.tty else every_s
         self._last = 0.0
 
+    def add(self, planned: int) -> None:
+        self.total += planned
+
     def update(self, done: int, images: int) -> None:
         self.done += done
         self.images += images
         now = time.monotonic()
-        if now - self._last >= self.every_s or self.done >= self.total:
+        if now - self._last >= self.every_s or (self.done >= self.total and not self.planning):
             self._last = now
             self._print()
 
@@ -43,9 +48,10 @@ class Progress:
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         per_item = elapsed / self.done if self.done else float("inf")
-        eta = _eta(per_item * (self.total - self.done)) if self.done else "?"
-        return f"[genpipe] {self.done}/{self.total} items  {self.rate():.2f} images/s  ETA {eta}"
+        eta = _eta(per_item * (self.total - self.done)) if self.done and not self.planning else "?"
+        total = f"{self.total}+ (planning)" if self.planning else str(self.total)
+        return f"[genpipe] {self.done}/{total} items  {self.rate():.2f} images/s  ETA {eta}"
 
     def _print(self) -> None:
-        end = "\r" if self.tty and self.done < self.total else "\n"
+        end = "\r" if self.tty and (self.done < self.total or self.planning) else "\n"
         print(self.line(), end=end, file=self.stream, flush=True)

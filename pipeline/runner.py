@@ -6,27 +6,29 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import platform
 import posixpath
+import queue
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.audit import AuditStore, write_chain_anchor
 from pipeline.audit.lease import JobLease
 from pipeline.audit.records import write_results_parquet
 from pipeline.errors import JobFailed, SpecError
+from pipeline.executors.shards import SHARD_SUFFIX, iter_batches, shard_batches, shard_rows, write_shard
 from pipeline.manifest import ManifestPlanner, read_rows
 from pipeline.metrics import record_items
 from pipeline.models.diffusers_loader import ModelError, check_model, model_fingerprint
 from pipeline.progress import Progress
-from pipeline.report.bias import write_bias_report
+from pipeline.report.bias import preload_in_background, write_bias_report
 from pipeline.samplers import check_sampler, model_family
 from pipeline.scoring.alignment import rank_job
 from pipeline.scoring.check import check_scoring
@@ -37,7 +39,7 @@ from pipeline.stages.generate import DiffusersGenerator
 from pipeline.stages.score import build_scoring_stages
 from pipeline.stages.write import PUBLIC_PREFIX, QUARANTINE_PREFIX, REVIEW_PREFIX, ImageWriter, image_key
 from pipeline.storage import TMP_PREFIX, Storage, local_path
-from schemas.record import TRANSPORT_SCHEMA, Item, items_from_table
+from schemas.record import Item
 from schemas.spec import JobSpec
 
 PLAN_PREFIX = "_plan"
@@ -131,8 +133,18 @@ def job_root(spec: JobSpec) -> str:
 class _Planner:
     """Streams the manifest into plan shards of pending items; records rejected rows; skips done items."""
 
-    def __init__(self, spec: JobSpec, family: str | None, store: AuditStore, storage: Storage, run_id: int) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        family: str | None,
+        store: AuditStore,
+        storage: Storage,
+        run_id: int,
+        progress: Progress | None = None,
+    ) -> None:
         self.spec, self.family, self.store, self.storage, self.run_id = spec, family, store, storage, run_id
+        self.progress = progress
+        self.on_shard: Callable[[str], None] | None = None  # told each key as it is written (streamed execution)
         self.summary_counts: Counter[str] = Counter()
         self.shards: list[str] = []
         self._pending: list[Item] = []
@@ -200,13 +212,15 @@ class _Planner:
         # Sorting by generation parameters lets the generator batch equal-parameter items together.
         items = sorted(self._pending, key=lambda it: (it.param_key(), it.item_id))
         self._pending = []
-        key = f"{PLAN_PREFIX}/run-{self.run_id}/part-{len(self.shards):05d}.parquet"
-        table = pa.Table.from_pylist([it.to_row() for it in items], schema=TRANSPORT_SCHEMA)
+        key = f"{PLAN_PREFIX}/run-{self.run_id}/part-{len(self.shards):05d}{SHARD_SUFFIX}"
         with self.storage.open_atomic(key) as f:
-            # One row group per generator batch: the Ray executor hands out row groups as its work units.
-            pq.write_table(table, f, row_group_size=self.spec.resources.batch_size)
+            write_shard(f, items, self.spec.resources.batch_size)  # a record batch per generator batch
         self.shards.append(key)
         self.summary_counts["pending"] += len(items)
+        if self.progress is not None:
+            self.progress.add(len(items))
+        if self.on_shard is not None:
+            self.on_shard(key)
 
 
 def build_stages(spec: JobSpec) -> list[Stage]:
@@ -243,16 +257,11 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         store.dispose()
         raise
     summary = RunSummary(job=spec.name, run_id=run_id, status="running", database=_masked(store))
+    planner: _Planner | None = None
     try:
         storage.delete(PLAN_PREFIX)  # shards of an interrupted earlier run are stale by definition
-        planner = _Planner(spec, family, store, storage, run_id)
-        planner.run()
-        pc = planner.summary_counts
-        summary.rows, summary.rows_rejected = pc["rows"], pc["rows_rejected"]
-        summary.rejected_now, summary.skipped_done = pc["rejected_now"], pc["skipped_done"]
-        summary.blocked_now = pc["blocked_now"]
         outcome: Counter[str] = Counter()
-        progress = Progress(pc["pending"], stream=open("/dev/null", "w") if quiet else None)  # noqa: SIM115
+        progress = Progress(0, stream=io.StringIO() if quiet else None, planning=True)
 
         def sink(items: list[Item]) -> None:
             store.write_items(items, run_id)
@@ -262,9 +271,20 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
             progress.update(len(items), statuses["generated"])
 
         gen_start = time.monotonic()
+        if spec.scoring.enabled and spec.scoring.bias.attributes:
+            preload_in_background()  # the bias report's plotting library, imported while the job generates
         stages = build_stages(spec)
-        if pc["pending"]:
-            _execute(spec, stages, storage, planner.shards, sink)
+        planner = _Planner(spec, family, store, storage, run_id, progress)
+        if spec.executor == "local":
+            # Plan and generate at once: the first image need not wait for the last manifest row.
+            _execute(spec, stages, storage, _planned_shards(planner), sink)
+        else:
+            # Ray Data's dataset is fixed when it starts, so the plan is complete first.
+            planner.run()
+            if planner.shards:
+                _execute(spec, stages, storage, planner.shards, sink)
+        progress.planning = False
+        _plan_counts(summary, planner)
         summary.regenerated_now = _regenerate_flagged(spec, stages, store, storage, planner, sink, progress)
         gen_elapsed = time.monotonic() - gen_start
         storage.delete(PLAN_PREFIX)
@@ -292,6 +312,8 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         summary.status = "failed" if over_budget else "succeeded"
     except BaseException:
         summary.status = "failed"
+        if planner is not None:
+            _plan_counts(summary, planner)  # as far as planning got
         raise
     finally:
         summary.elapsed_s = time.monotonic() - started
@@ -313,6 +335,13 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
     return summary
 
 
+def _plan_counts(summary: RunSummary, planner: _Planner) -> None:
+    pc = planner.summary_counts
+    summary.rows, summary.rows_rejected = pc["rows"], pc["rows_rejected"]
+    summary.rejected_now, summary.skipped_done = pc["rejected_now"], pc["skipped_done"]
+    summary.blocked_now = pc["blocked_now"]
+
+
 def _regenerate_flagged(spec, stages, store, storage, planner, sink, progress) -> int:
     """Regenerate-on-flag: each round plans the next try (new derived seed, own record) of every generated
     item whose decision is in ``policy.regenerate_on`` and that has tries left, and runs it through the same
@@ -322,18 +351,12 @@ def _regenerate_flagged(spec, stages, store, storage, planner, sink, progress) -
     for _ in range(tries):
         candidates = [it for it in store.iter_items(spec.name) if wants_regeneration(it, tries, on)]
         shards = planner.plan_items(plan_regeneration(candidates, tries, on))
-        planned = sum(_shard_rows(storage, key) for key in shards)
+        planned = sum(shard_rows(storage, key) for key in shards)
         if not planned:
             break
-        progress.total += planned
         _execute(spec, stages, storage, shards, sink)
         total += planned
     return total
-
-
-def _shard_rows(storage: Storage, key: str) -> int:
-    with storage.fs.open(storage.path(key), "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _decision_counts(store: AuditStore, job: str) -> dict[str, int]:
@@ -366,21 +389,60 @@ def _write_summary(storage: Storage, summary: RunSummary) -> None:
         print(f"genpipe: warning: could not write the run summary: {exc}", file=sys.stderr)
 
 
-def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: list[str], sink) -> None:
+def _planned_shards(planner: _Planner) -> Iterator[str]:
+    """Run ``planner`` in a thread and yield each shard key as soon as it is written; the planner's error, if
+    any, is raised here once the shards before it are consumed. Planning runs ahead of generation (shards are
+    on storage, only their keys queue up), and it is stopped at the next shard if the consumer goes away."""
+    keys: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def put(key: str) -> None:
+        if stop.is_set():
+            raise _PlanningStopped
+        keys.put(key)
+
+    planner.on_shard = put
+
+    def plan() -> None:
+        try:
+            planner.run()
+        except _PlanningStopped:
+            pass
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            keys.put(None)
+
+    thread = threading.Thread(target=plan, name="genpipe-planner", daemon=True)
+    thread.start()
+    try:
+        while (key := keys.get()) is not None:
+            yield key
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        thread.join()
+        planner.on_shard = None
+
+
+class _PlanningStopped(Exception):
+    """Raised inside the planner thread when execution has ended early (an error): stop planning."""
+
+
+def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: Iterable[str], sink) -> None:
     if spec.executor == "local":
         from pipeline.executors.local import run_local
 
-        run_local(stages, _read_shards(storage, shards, spec.resources.batch_size), sink)
+        run_local(stages, iter_batches(storage, shards), sink)
         return
     from pipeline.executors.ray_data import init_ray, run_ray
 
     init_ray()
     _precheck_cluster(spec)
-    row_groups = []
-    for key in shards:
-        with storage.fs.open(storage.path(key), "rb") as f:
-            row_groups += [(key, i) for i in range(pq.ParquetFile(f).num_row_groups)]
-    run_ray(stages, row_groups, storage, spec.resources.batch_size, sink)
+    batches = [(key, i) for key in shards for i in range(shard_batches(storage, key))]  # a list: planned in full
+    run_ray(stages, batches, storage, spec.resources.batch_size, sink)
 
 
 def _precheck_cluster(spec: JobSpec) -> None:
@@ -400,13 +462,6 @@ def _precheck_cluster(spec: JobSpec) -> None:
             "(set GENPIPE_NO_PRECHECK=1 on an autoscaling cluster)",
             problems=problems[1:],
         )
-
-
-def _read_shards(storage: Storage, shards: list[str], batch_size: int):
-    for key in shards:
-        with storage.fs.open(storage.path(key), "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-                yield items_from_table(pa.Table.from_batches([batch]))
 
 
 def _masked(store: AuditStore) -> str:

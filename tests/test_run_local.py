@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -128,3 +129,60 @@ def test_scored_run_routes_by_decision_and_records_every_score(make_spec, tmp_pa
     assert sorted(items[("mug", k)].scores["clip_rank"] for k in (0, 1)) == [1, 2]
     assert summary.decisions == {"pass": 2}
     assert (tmp_path / "out" / "test-job" / "reports" / "bias" / "bias.md").exists()
+
+
+STREAM_ROWS = [{"prompt_id": f"sku-{i:02d}", "prompt": f"a packshot of product {i}"} for i in range(12)]
+
+
+def test_generation_starts_before_the_plan_is_complete(make_spec, tmp_path, monkeypatch):
+    """The last plan shard is only written once a generated record is in the database: without streamed
+    planning the run would wait here (and fail the assertion below)."""
+    from pipeline import runner
+
+    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
+    recorded = threading.Event()
+    original_write, original_flush = AuditStore.write_items, runner._Planner._flush_shard
+
+    def write_items(self, items, run_id):
+        original_write(self, items, run_id)
+        if any(it.status == "generated" for it in items):
+            recorded.set()
+
+    waited: list[bool] = []
+
+    def flush_shard(self):
+        if len(self.shards) == 2 and self._pending:  # the third and last shard
+            waited.append(recorded.wait(timeout=60))
+        original_flush(self)
+
+    monkeypatch.setattr(AuditStore, "write_items", write_items)
+    monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
+    summary = run_job(load_spec(make_spec(STREAM_ROWS, database=_db(tmp_path))), quiet=True)
+    assert waited == [True] and summary.generated_now == 12 and summary.rows == 12
+    check_invariants(_db(tmp_path), str(tmp_path / "out" / "test-job"), "test-job", 12)
+
+
+def test_a_planning_error_mid_manifest_stops_the_run_and_is_raised(make_spec, tmp_path, monkeypatch):
+    from pipeline import runner
+
+    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
+    original_flush = runner._Planner._flush_shard
+
+    def flush_shard(self):
+        if len(self.shards) == 1 and self._pending:
+            raise OSError("plan storage is full")
+        original_flush(self)
+
+    monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
+    with pytest.raises(OSError, match="plan storage is full"):
+        run_job(load_spec(make_spec(STREAM_ROWS, database=_db(tmp_path))), quiet=True)
+    store = AuditStore(_db(tmp_path))
+    try:
+        (run,) = store.runs("test-job")
+        assert run["status"] == "failed" and run["summary"]["rows"] >= 8
+        assert store.counts("test-job").get("generated", 0) <= 4  # only the first shard could have run
+    finally:
+        store.dispose()
+    monkeypatch.setattr(runner._Planner, "_flush_shard", original_flush)
+    rerun = run_job(load_spec(make_spec(STREAM_ROWS, database=_db(tmp_path))), quiet=True)
+    assert rerun.status == "succeeded" and rerun.counts == {"generated": 12}

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.executors.common import run_stage
+from pipeline.executors.shards import read_batch
 from pipeline.metrics import record_stage_latency
 from pipeline.stages.base import Stage
 from pipeline.storage import Storage
@@ -24,6 +24,7 @@ from schemas.record import Item, items_from_table, items_to_table
 
 # Read tasks are tiny (plan shards); a small CPU share keeps them from starving actors on small machines.
 READ_CPUS = 0.1
+MAX_READERS = 4  # concurrent read tasks at most: one read (~1 ms) keeps several generator actors fed
 
 
 def fault_probability(stage_name: str) -> float:
@@ -104,32 +105,32 @@ def init_ray(num_cpus: float | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _read_row_group(batch: pa.Table, storage: Storage) -> pa.Table:
-    """One plan row group (a generator batch) per input row: (shard key, row group index) → items."""
-    tables = []
-    for key, group in zip(batch.column("shard").to_pylist(), batch.column("row_group").to_pylist(), strict=True):
-        with storage.fs.open(storage.path(key), "rb") as f:
-            tables.append(pq.ParquetFile(f).read_row_group(group))
-    return pa.concat_tables(tables)
+def _read_plan_batch(batch: pa.Table, storage: Storage) -> pa.Table:
+    """One plan batch (a generator batch) per input row: (shard key, batch index) → items."""
+    keys, indexes = batch.column("shard").to_pylist(), batch.column("batch").to_pylist()
+    return pa.concat_tables([read_batch(storage, key, i) for key, i in zip(keys, indexes, strict=True)])
 
 
 def run_ray(
     stages: list[Stage],
-    row_groups: list[tuple[str, int]],
+    plan_batches: list[tuple[str, int]],
     storage: Storage,
     batch_size: int,
     sink: Callable[[list[Item]], None],
 ) -> None:
-    """Run ``stages`` over the plan's row groups ((shard key, index) pairs; one generator batch each).
+    """Run ``stages`` over the plan's batches ((shard key, batch index) pairs; one generator batch each).
 
-    The dataset starts from the list of row groups (a few bytes each, built in the driver) instead of
-    ``read_parquet``: every Ray Data operator then runs with the fractional CPUs we give it, so on a small
-    machine no listing or repartition task waits for a whole free CPU behind the actors."""
+    The dataset starts from the list of plan batches (a few bytes each, built in the driver) instead of a file
+    listing: every Ray Data operator then runs with the fractional CPUs we give it, so on a small machine no
+    listing or repartition task waits for a whole free CPU behind the actors. The read step is a small, fixed
+    pool of tasks: left unbounded, Ray Data runs ~1/READ_CPUS reads at once, each in a new ~200 MB worker
+    process that spends seconds importing, for work that takes a millisecond."""
     import ray
 
-    ds = ray.data.from_items([{"shard": key, "row_group": group} for key, group in row_groups])
-    ds = ds.map_batches(_read_row_group, fn_kwargs={"storage": storage}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=READ_CPUS)  # fmt: skip
+    readers = max(1, min(MAX_READERS, stages[0].resources.concurrency if stages else 1))
+    ds = ray.data.from_items([{"shard": key, "batch": i} for key, i in plan_batches])
+    ds = ds.map_batches(_read_plan_batch, fn_kwargs={"storage": storage}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=readers))  # fmt: skip
     for stage in stages:
         res = stage.resources
         fault_env = {k: v for k, v in os.environ.items() if k.startswith("GENPIPE_FAULT_")}

@@ -19,9 +19,11 @@ the prompt id without its trailing number (``spring-hero-01`` → ``spring-hero`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -210,12 +212,26 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def preload_in_background() -> threading.Thread:
+    """Import the plotting library in a daemon thread (~0.5–1 s of imports) while the job generates, so the report
+    at the end of the run does not wait for it."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # the report's own import raises the real error, if any
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+
+    thread = threading.Thread(target=load, name="genpipe-preload-matplotlib", daemon=True)
+    thread.start()
+    return thread
+
+
 def render_plot(report: dict[str, Any], attribute: str, max_groups: int = 40) -> bytes:
     """One PNG: a stacked bar per group (its class distribution, or person / no person / unscored)."""
+    # The object API with the Agg canvas: no pyplot (its import and global figure state cost more than the plot).
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     groups = report["groups"][:max_groups]
     labels = [f"{g['level']}: {g['name']}" for g in groups]
@@ -230,9 +246,11 @@ def render_plot(report: dict[str, Any], attribute: str, max_groups: int = 40) ->
              for c in classes]
             for g in groups
         ]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.35 * max(len(groups), 1)))
+    fig = Figure(figsize=(10, 1.4 + 0.35 * max(len(groups), 1)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     left = np.zeros(len(groups))
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     for j, c in enumerate(classes):
         vals = np.array([r[j] for r in rows]) if rows else np.zeros(0)
         color = MST_COLOURS[j] if attribute == "skin_tone" else cmap(j)
@@ -247,7 +265,6 @@ def render_plot(report: dict[str, Any], attribute: str, max_groups: int = 40) ->
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
