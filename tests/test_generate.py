@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +204,31 @@ def test_model_fingerprint_hashes_every_safetensors_file(tiny_models):
         prints["unet/diffusion_pytorch_model.safetensors"]
         == hashlib.sha256((sd / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     )
+
+
+def test_model_fingerprint_reuses_a_cached_digest_until_the_file_changes(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    weights = model / "unet" / "w.safetensors"
+    weights.write_bytes(b"first weights")
+    cache = tmp_path / "fingerprints.json"
+    first = model_fingerprint(model, cache=cache)
+    assert first == {"unet/w.safetensors": hashlib.sha256(b"first weights").hexdigest()}
+
+    hashed: list[str] = []
+    real_sha = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: hashed.append("x") or real_sha(*a))
+    assert model_fingerprint(model, cache=cache) == first and hashed == []  # from the cache: no read
+
+    # Same size, mtime put back: ctime still moves, so the new bytes are hashed.
+    st = weights.stat()
+    time.sleep(0.02)  # past a coarse (jiffy) timestamp tick, as any real rewrite of model weights is
+    weights.write_bytes(b"other weights")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model_fingerprint(model, cache=cache) == {"unet/w.safetensors": real_sha(b"other weights").hexdigest()}
+    assert hashed == ["x"]
+
+    monkeypatch.setenv("GENPIPE_FINGERPRINT_CACHE", "0")
+    hashed.clear()
+    model_fingerprint(model, cache=cache)
+    assert hashed == ["x"]

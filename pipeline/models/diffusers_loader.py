@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -214,17 +215,56 @@ def _fetch_lora(path: str) -> str:
     return str(files[0]) if len(files) == 1 and files[0].is_file() else str(target)
 
 
-def model_fingerprint(path: str | Path) -> dict[str, str]:
-    """sha256 of every safetensors file under a model directory, by relative path (for the audit log)."""
+def model_fingerprint(path: str | Path, cache: Path | None = None) -> dict[str, str]:
+    """sha256 of every safetensors file under a model directory, by relative path (for the audit log).
+
+    Hashing SDXL's ~7 GB takes 8–24 s, on every run, before planning; so a digest is kept in ``cache`` (default
+    ``{cache_root}/fingerprints.json``) under the file's absolute path and reused while the file's device, inode,
+    size, mtime and ctime are all unchanged. ctime cannot be set from user space, so rewriting a file, even
+    with its old size and mtime restored, makes it hash again. ``GENPIPE_FINGERPRINT_CACHE=0`` always hashes."""
     root = Path(path)
-    out = {}
+    use_cache = os.environ.get("GENPIPE_FINGERPRINT_CACHE", "1") != "0"
+    if cache is None:
+        from pipeline.models.tiny import cache_root
+
+        cache = cache_root() / "fingerprints.json"
+    known = _read_fingerprints(cache) if use_cache else {}
+    out, fresh = {}, {}
     for f in sorted(root.rglob("*.safetensors")):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-        out[f.relative_to(root).as_posix()] = h.hexdigest()
+        st = f.stat()
+        stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = known.get(str(f.resolve()))
+        if entry and entry.get("stat") == stamp:
+            digest = entry["sha256"]
+        else:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(block)
+            digest = h.hexdigest()
+            fresh[str(f.resolve())] = {"stat": stamp, "sha256": digest}
+        out[f.relative_to(root).as_posix()] = digest
+    if use_cache and fresh:
+        _write_fingerprints(cache, {**known, **fresh})
     return out
+
+
+def _read_fingerprints(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or unreadable: hash everything (and rewrite it)
+    return data if isinstance(data, dict) else {}
+
+
+def _write_fingerprints(cache: Path, data: dict[str, Any]) -> None:
+    try:  # atomic, so concurrent jobs never read half a file; last writer wins, both are correct
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache only costs the hashing time
 
 
 def _as_spec(lora: LoraSpec | dict[str, Any]) -> LoraSpec:
