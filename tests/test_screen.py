@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import SpecError
 from pipeline.scoring.check import check_scoring
-from pipeline.scoring.screen import Blocklist, PromptScreen, normalized_variants
+from pipeline.scoring.screen import Blocklist, PromptScreen, _Matcher, normalized_variants
 from schemas.record import Item
 from schemas.spec import JobSpec
 
@@ -51,6 +51,8 @@ def test_obfuscated_variants_of_every_blocklisted_term_are_caught(screen, kind):
     missed = []
     for rule in Blocklist.load().rules:
         variant = OBFUSCATIONS[kind](rule.term.rstrip("*"))
+        if variant.isdigit():  # `tits` → `7175` is a number, not leetspeak: see the SKU tests below
+            continue
         hits = screen.check(f"studio photo of {variant}, high detail")
         if rule.category not in {m.rule.category for m in hits}:
             missed.append(variant)
@@ -85,6 +87,61 @@ def test_known_obfuscations(screen, text, rule):
 )  # fmt: skip
 def test_substring_lookalikes_are_not_blocked(screen, text):
     assert screen.check(text) == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["wrist watch 1011, studio product shot", "denim jacket 7175", "denim jacket 7175, flat lay, pastel colours",
+     "running shoe 10111, lifestyle photo", "a mug, 80085 in stock", "denim jacket 7175 S", "wrist watch 1011 L",
+     "collection 7175 SS", "SKU-1011 watch", "sku 7175-b jacket", "item #1011", "1,011 units", "10.11 price",
+     "$1011 watch", "save 1011!", "1 0 1 1", "7.1.7.5", "71 75", "4k tv 7175", "pussy willow 1011"],
+)  # fmt: skip
+def test_sku_like_numbers_are_not_read_as_leetspeak(screen, text):
+    assert screen.check(text) == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("l0li", "minors_sexual:loli"),
+        ("t1ts", "sexual:tits"),
+        ("t!ts", "sexual:tits"),
+        ("n4ked woman", "sexual:naked woman"),
+        ("n4k3d w0m4n 1011", "sexual:naked woman"),
+        ("l0 l1", "minors_sexual:loli"),
+        ("t1 75", "sexual:tits"),  # half its letters are letters
+        ("5 3 x", "sexual:sex"),  # spelled out: one letter is enough
+        ("t 1 t s", "sexual:tits"),
+        ("p.0.r.n", "sexual:porn*"),
+        ("5ex shop 7175", "sexual:sex"),
+        ("5u1c1d3", "self_harm:suicide"),
+        ("1515 fl4g", "extremism:isis flag"),
+        ("sku 7175 p0rn", "sexual:porn*"),
+    ],
+)
+def test_leetspeak_mixing_letters_and_digits_still_blocks(screen, text, rule):
+    assert rule in {m.rule.name for m in screen.check(text)}
+
+
+def test_synthetic_catalogue_prompts_pass(screen):
+    # benchmarks/manifest_scale.py's prompts: 14 of these 20,000 were blocked when SKUs were read as leetspeak.
+    subjects = ("leather handbag", "running shoe", "ceramic mug", "wrist watch", "desk lamp", "denim jacket")
+    styles = ("studio product shot, white background", "lifestyle photo, morning light", "flat lay, pastel colours")
+    prompts = [f"{subjects[i % 6]} {i}, {styles[i % 3]}" for i in range(20_000)]
+    assert [p for p in prompts if screen.check(p)] == []
+
+
+def test_window_pruning_loses_no_match():
+    # Windows stop growing once the joined words are no prefix of any term; without the cut-off the matches
+    # (rule, text, span) must be the same.
+    pruned, full = _Matcher(Blocklist.load()), _Matcher(Blocklist.load())
+    full._may_extend = lambda cat, sq=None: True  # type: ignore[method-assign]
+    texts = [f"studio photo of {f(rule.term.rstrip('*'))} and {f(rule.term.rstrip('*'))}s, b 0 0 b bbbs"
+             for rule in Blocklist.load().rules for f in OBFUSCATIONS.values()]  # fmt: skip
+    texts += ["p o o o r n", "bob bbbs", "s e e e l f harm", "child p o r n o g r a p h y", "hen tail", "blow jobs"]
+    for text in texts:
+        for words in normalized_variants(text):
+            assert pruned.find(words) == full.find(words), text
 
 
 def test_false_positive_rate_on_benign_ecommerce_prompts(screen):

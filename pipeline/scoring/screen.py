@@ -12,8 +12,11 @@ for either). Words are runs of ``a-z``; everything else separates. A term matche
 Inserted separators are undone by matching the concatenation of up to six adjacent words exactly
 (``p o r n``, ``p.o.r.n``, ``po rn``), and letters stretched out (``pooorn``) are collapsed. Because matches are
 whole words, ``analog``, ``grape``, ``Essex`` and ``rapeseed`` are not touched; ``allow`` phrases
-(``pussy willow``, ``Gore-Tex``) suppress a match inside them. Negative prompts are not screened: "nsfw, nude"
-there asks the model to stay away from exactly that.
+(``pussy willow``, ``Gore-Tex``) suppress a match inside them. Numbers are not leetspeak: a match most of whose
+letters were read from tokens of digits without letters (``1011`` → ``ioii``, ``7175 S``, ``SKU-1011``, ``1,011``)
+is dropped, and a spelled-out run only when all of its characters are digits (``1 0 1 1``), so SKUs and prices
+pass while ``l0li``, ``t1ts``, ``n4ked``, ``t1 75`` and ``5 3 x`` still block. Negative prompts are not screened:
+"nsfw, nude" there asks the model to stay away from exactly that.
 """
 
 from __future__ import annotations
@@ -52,26 +55,58 @@ _CONFUSABLES = str.maketrans({
 _LEET_DIGITS = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g"})
 _LEET_SYMBOLS = str.maketrans({"@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e"})
 _FOLD = str.maketrans({"l": "i"})
+# The three readings in one table each (no table's output is another's input, so one pass equals the chain).
+_READ_ALL = {**_LEET_DIGITS, **_LEET_SYMBOLS, **_FOLD}
+_READ_DIGITS = {**_LEET_DIGITS, **_FOLD}
 _WORD = re.compile(r"[a-z]+")
 _STRETCH = re.compile(r"([a-z])\1{2,}")  # a letter three or more times: stretched on purpose (or l/i folded)
 _REPEAT = re.compile(r"([a-z])\1+")
+_LEETABLE = re.compile(r"[0-9@$!|+€]")  # without one of these the three readings are the same
+# A number: a token (a run of what the all-leet reading turns into letters) with a digit and no letter.
+_NUMBER = re.compile(r"(?<![a-z01345789@$!|+€])[@$!|+€]*[01345789][01345789@$!|+€]*(?![a-z01345789@$!|+€])")
 
 
 def _base(text: str) -> str:
+    if text.isascii():  # NFKC, NFKD, the Cf filter and the confusables are identities on ASCII; casefold is lower
+        return text.lower()
     t = unicodedata.normalize("NFKC", text)
     t = "".join(ch for ch in t if unicodedata.category(ch) != "Cf").casefold().translate(_CONFUSABLES)
     t = "".join(ch for ch in unicodedata.normalize("NFKD", t) if not unicodedata.combining(ch))
     return t.translate(_CONFUSABLES)
 
 
+def _readings(text: str) -> list[tuple[list[str], list[bool] | None]]:
+    """``normalized_variants`` with, per word, whether it was read from a number: a token (a run of letters, digits
+    and leet symbols) with digits and no letter — ``1011``, ``$1011``, the ``7175`` of ``SKU-7175``. The flags are
+    None when no word was."""
+    b = _base(text)
+    if not _LEETABLE.search(b):
+        return [(_WORD.findall(b.replace("l", "i")), None)]
+    numbers = [m.span() for m in _NUMBER.finditer(b)]
+    out: list[tuple[list[str], list[bool] | None]] = []
+    for r in (b.translate(_READ_ALL), b.translate(_READ_DIGITS), None):
+        if r is None or not numbers:  # the last reading has no digits as letters, so no number's words
+            words, flags = _WORD.findall(b.replace("l", "i") if r is None else r), None
+        else:  # words never cross a token's edge, so the text splits at the numbers
+            words, flags, pos = [], [], 0
+            for a, z in numbers:
+                before, inside = _WORD.findall(r, pos, a), _WORD.findall(r, a, z)
+                words += before + inside
+                flags += [False] * len(before) + [True] * len(inside)
+                pos = z
+            rest = _WORD.findall(r, pos)
+            words += rest
+            flags += [False] * len(rest)
+        if (words, flags) not in out:
+            out.append((words, flags))
+    return out
+
+
 def normalized_variants(text: str) -> list[list[str]]:
     """Word lists of ``text`` under each reading of digits and symbols: all as letters (``$3x``), digits only
     (``sale!`` keeps its ``!`` a separator), none. A word matches if it matches in any reading."""
-    b = _base(text)
-    readings = (b.translate(_LEET_DIGITS).translate(_LEET_SYMBOLS), b.translate(_LEET_DIGITS), b)
     out: list[list[str]] = []
-    for r in readings:
-        words = _WORD.findall(r.translate(_FOLD))
+    for words, _ in _readings(text):
         if words not in out:
             out.append(words)
     return out
@@ -84,6 +119,16 @@ def normalize_term(term: str) -> tuple[str, ...]:
 def squeeze(word: str) -> str:
     """Every run of a repeated letter cut to one letter: the common form of ``pooorn`` and ``porn``."""
     return _REPEAT.sub(r"\1", word)
+
+
+def _prefixes(strings: Iterable[str]) -> frozenset[str]:
+    return frozenset(s[:k] for s in strings for k in range(1, len(s) + 1))
+
+
+def _from_numbers(words: list[str], numeric: list[bool], s: int, e: int) -> bool:
+    """Whether most of the letters of the words ``[s, e)`` were read from numbers."""
+    num = sum(len(words[i]) for i in range(s, e) if numeric[i])
+    return 2 * num > sum(len(words[i]) for i in range(s, e))
 
 
 # --- the blocklist ------------------------------------------------------------------------------------------------
@@ -166,88 +211,152 @@ class _Matcher:
         # Stretched words (``pooorn``, ``seeelf harm``) are compared in squeezed form with squeezed terms. Only
         # words with a letter three times in a row take this path, so ``bobs`` never meets ``boobs``.
         self.sq_exact = {squeeze(k): r for k, r in self.exact.items()}
+        self.sq_exact_any = {**self.sq_exact, **self.exact}  # what a stretched candidate is looked up in
         self.sq_prefix = {squeeze(k): r for k, r in self.prefix.items()}
         self.prefix_lengths = sorted({len(p) for p in self.prefix})
         self.sq_prefix_lengths = sorted({len(p) for p in self.sq_prefix})
+        self.multi = [(r, r.compact, squeeze(r.compact)) for r in self.multi_prefix]
         self.allow = blocklist.allow
+        self.allow_by_first: dict[str, list[tuple[str, ...]]] = {}
+        for phrase in self.allow:
+            self.allow_by_first.setdefault(phrase[0], []).append(phrase)
         self.rules = blocklist.rules
+        self.spelled = [(r, r.compact, squeeze(r.compact)) for r in self.rules]
+        # Window pruning: a concatenation of words can only match (now or once extended) if it is a prefix of
+        # something a window can match — plainly, or squeezed when stretched (squeeze(a) is a prefix of
+        # squeeze(a + b), so a squeezed prefix stays one). Ordinary words start no window at all.
+        self.window_prefixes = _prefixes(
+            [t + x for t in self.exact for x in ("", "s", "es")]
+            + [p + x for p in self.prefix for x in ("", "s")]
+            + [c for _, c, _ in self.multi]
+        )
+        self.sq_window_prefixes = _prefixes(
+            [t + x for t in self.sq_exact_any for x in ("", "s", "es")]
+            + [p + x for p in self.sq_prefix for x in ("", "s")]
+            + [sq for _, _, sq in self.multi]
+        )
+        self._word = functools.lru_cache(maxsize=1 << 14)(self._word_uncached)
 
-    def _exact(self, cand: str) -> Rule | None:
+    def _may_extend(self, cat: str, sq: str | None = None) -> bool:
+        return cat in self.window_prefixes or (sq if sq is not None else squeeze(cat)) in self.sq_window_prefixes
+
+    def _word_uncached(self, w: str) -> tuple[Rule | None, bool]:
+        """A word on its own: the rule it matches, and whether a window can start with it."""
+        stretched = _STRETCH.search(w) is not None
+        return self._exact(w, stretched) or self._word_prefix(w, stretched), self._may_extend(w)
+
+    def _exact(self, cand: str, stretched: bool, sq: str | None = None) -> Rule | None:
         table = self.exact
-        if _STRETCH.search(cand):
-            cand, table = squeeze(cand), {**self.sq_exact, **self.exact}
+        if stretched:
+            cand, table = sq if sq is not None else squeeze(cand), self.sq_exact_any
         for c in (cand, cand[:-1] if cand.endswith("s") else "", cand[:-2] if cand.endswith("es") else ""):
             if c and c in table:
                 return table[c]
         return None
 
-    def _word_prefix(self, word: str) -> Rule | None:
+    def _word_prefix(self, word: str, stretched: bool) -> Rule | None:
         table, lengths = self.prefix, self.prefix_lengths
-        if _STRETCH.search(word):
+        if stretched:
             word, table, lengths = squeeze(word), self.sq_prefix, self.sq_prefix_lengths
         for n in lengths:
             if len(word) >= n and word[:n] in table:
                 return table[word[:n]]
         return None
 
-    def _whole_prefix(self, cand: str) -> Rule | None:
+    def _whole_prefix(self, cand: str, stretched: bool, sq: str | None = None) -> Rule | None:
         """A one-word ``term*`` split across words must be matched whole (``blow job``), never as a prefix of the
         joined words, which would read ``hen tail`` as ``hentai*``."""
         table = self.prefix
-        if _STRETCH.search(cand):
-            cand, table = squeeze(cand), self.sq_prefix
+        if stretched:
+            cand, table = sq if sq is not None else squeeze(cand), self.sq_prefix
         for c in (cand, cand[:-1] if cand.endswith("s") else ""):
             if c in table:
                 return table[c]
         return None
 
-    def find(self, words: list[str]) -> list[tuple[Match, int, int]]:
-        """Matches with their word spans ``[start, end)``."""
+    def find(self, words: list[str], numeric: list[bool] | None = None) -> list[tuple[Match, int, int]]:
+        """Matches with their word spans ``[start, end)``. ``numeric`` (per word: read from a number) drops the
+        matches most of whose letters come from numbers, and spelled-out runs made only of digits."""
         found: list[tuple[Match, int, int]] = []
         n = len(words)
+        word = self._word
         for s in range(n):
             w = words[s]
-            rule = self._exact(w) or self._word_prefix(w)
+            rule, extend = word(w)
             if rule:
                 found.append((Match(rule, w), s, s + 1))
-            cat, head = words[s], ""
-            for end in range(s + 2, min(n, s + MAX_WINDOW) + 1):
+            if not extend:
+                continue
+            cat, last = w, min(n, s + MAX_WINDOW)
+            for end in range(s + 2, last + 1):
                 head, cat = cat, cat + words[end - 1]
-                rule = self._exact(cat) or self._whole_prefix(cat)
+                stretched = _STRETCH.search(cat) is not None
+                sq = squeeze(cat) if stretched else None
+                rule = self._exact(cat, stretched, sq) or self._whole_prefix(cat, stretched, sq)
                 if rule:
                     found.append((Match(rule, cat), s, end))
-                stretched = bool(_STRETCH.search(cat))
-                for r in self.multi_prefix:  # the prefix must end inside the window's last word
-                    c, h, p = map(squeeze, (cat, head, r.compact)) if stretched else (cat, head, r.compact)
-                    if c.startswith(p) and len(h) < len(p):
+                for r, p, sp in self.multi:  # the prefix must end inside the window's last word
+                    if stretched:
+                        if sq.startswith(sp) and len(squeeze(head)) < len(sp):  # type: ignore[union-attr]
+                            found.append((Match(r, cat), s, end))
+                    elif cat.startswith(p) and len(head) < len(p):
                         found.append((Match(r, cat), s, end))
-        found += self._spelled_out(words)
+                if end < last and not self._may_extend(cat, sq):
+                    break
+        if numeric is not None:
+            found = [f for f in found if not _from_numbers(words, numeric, f[1], f[2])]
+        found += self._spelled_out(words, numeric)
         return found
 
-    def _spelled_out(self, words: list[str]) -> list[tuple[Match, int, int]]:
+    def _spelled_out(self, words: list[str], numeric: list[bool] | None = None) -> list[tuple[Match, int, int]]:
         """Runs of three or more one-letter words (``p o r n o``): any term inside the joined run."""
         out: list[tuple[Match, int, int]] = []
-        s = 0
-        while s < len(words):
+        s, n = 0, len(words)
+        while s < n:
+            if len(words[s]) != 1:
+                s += 1
+                continue
             e = s
-            while e < len(words) and len(words[e]) == 1:
+            while e < n and len(words[e]) == 1:
                 e += 1
             if e - s >= 3:
                 run = "".join(words[s:e])
                 stretched = squeeze(run) if _STRETCH.search(run) else None
-                for r in self.rules:
-                    sq = squeeze(r.compact)
-                    if r.compact in run or (stretched and len(sq) >= 3 and sq in stretched):
+                digits = numeric[s:e] if numeric is not None and any(numeric[s:e]) else None
+                for r, c, sq in self.spelled:
+                    hit = c in run or (stretched and len(sq) >= 3 and sq in stretched)
+                    if hit and (digits is None or _spelled_with_a_letter(run, stretched, c, sq, digits)):
                         out.append((Match(r, run), s, e))
-            s = max(e, s + 1)
+            s = e
         return out
 
     def allowed_spans(self, words: list[str]) -> list[tuple[int, int]]:
         spans = []
-        for phrase in self.allow:
-            k = len(phrase)
-            spans += [(s, s + k) for s in range(len(words) - k + 1) if tuple(words[s : s + k]) == phrase]
+        by_first = self.allow_by_first
+        for s, w in enumerate(words):
+            for phrase in by_first.get(w, ()):
+                if tuple(words[s : s + len(phrase)]) == phrase:
+                    spans.append((s, s + len(phrase)))
         return spans
+
+
+def _spelled_with_a_letter(run: str, stretched: str | None, c: str, sq: str, digits: list[bool]) -> bool:
+    """Whether the term ``c`` occurs in the spelled-out ``run`` (or ``sq`` in its squeezed form) with at least
+    one of its characters a letter, not a digit: ``5 3 x`` is ``sex``, ``1 0 1 1`` is a number."""
+    i = run.find(c)
+    while i >= 0:
+        if not all(digits[i : i + len(c)]):
+            return True
+        i = run.find(c, i + 1)
+    if stretched and len(sq) >= 3:
+        starts = [m.start() for m in re.finditer(r"([a-z])\1*", run)]  # where each squeezed letter begins
+        starts.append(len(run))
+        i = stretched.find(sq)
+        while i >= 0:
+            if not all(digits[starts[i] : starts[i + len(sq)]]):
+                return True
+            i = stretched.find(sq, i + 1)
+    return False
 
 
 # --- the text-classifier hook -----------------------------------------------------------------------------------
@@ -306,9 +415,12 @@ class PromptScreen:
 
     def _check(self, text: str) -> tuple[Match, ...]:
         hits: dict[str, Match] = {}
-        for words in normalized_variants(text):
+        for words, numeric in _readings(text):
+            found = self._matcher.find(words, numeric)
+            if not found:
+                continue
             allowed = self._matcher.allowed_spans(words)
-            for m, s, e in self._matcher.find(words):
+            for m, s, e in found:
                 if not any(a <= s and e <= b for a, b in allowed):
                     hits.setdefault(m.rule.name, m)
         return tuple(hits.values())
