@@ -151,3 +151,21 @@ def test_no_batches_means_no_stage_is_set_up():
     out: list[Item] = []
     run_local([a], iter(()), out.extend)
     assert out == [] and a.setup_thread is None
+
+
+def test_coalesced_results_keep_order_merge_what_waits_and_raise_at_the_end():
+    from pipeline.executors.common import coalesced
+
+    batches = _items(20, 2)
+
+    def source():
+        yield from batches[:8]
+        raise ConnectionError("cluster went away")
+
+    seen: list[list[str]] = []
+    with pytest.raises(ConnectionError, match="cluster went away"):
+        for items in coalesced(source(), max_items=6):
+            seen.append([it.item_id for it in items])
+            time.sleep(0.05)  # a slow sink: the source runs ahead and batches pile up
+    assert [i for call in seen for i in call] == [f"id-{i:03d}" for i in range(16)]
+    assert max(len(c) for c in seen) == 6 and len(seen) < 8

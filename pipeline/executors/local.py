@@ -14,12 +14,11 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
-from pipeline.executors.common import run_stage, run_stages
+from pipeline.executors.common import SINK_MAX_ITEMS, run_stage, run_stages
 from pipeline.stages.base import Stage
 from schemas.record import Item
 
 QUEUE_DEPTH = 2  # batches waiting between two stages: enough to keep both busy, few enough to bound memory
-SINK_MAX_ITEMS = 512  # records per audit transaction at most, when the sink has fallen behind
 _POLL_S = 0.1  # how often a blocked thread looks whether the run was stopped
 _DONE = object()  # end of the stream
 
@@ -71,24 +70,28 @@ class _Pipeline:
             t.join()
 
     def results(self) -> Iterator[list[Item]]:
+        """Finished batches in order, each step with every batch already waiting (up to ``SINK_MAX_ITEMS``
+        items): never waits for more. The run's first error is raised after the batches before it."""
         last = self._queues[-1]
-        while True:
-            got = self._get(last)
-            if got is _DONE:
-                self._raise_if_failed()
-                return
+        got = self._get(last)
+        while got is not _DONE:
             batch = list(got)
-            # Coalesce what is already finished (never wait for more): one transaction instead of several.
-            while len(batch) < SINK_MAX_ITEMS:
-                try:
-                    more = last.get_nowait()
-                except queue.Empty:
+            while (got := self._next_waiting(last)) is not None and got is not _DONE:
+                batch.extend(got)
+                if len(batch) >= SINK_MAX_ITEMS:
+                    got = None
                     break
-                if more is _DONE:
-                    last.put(_DONE)  # seen again on the next call
-                    break
-                batch.extend(more)
             yield batch
+            if got is None:
+                got = self._get(last)
+        self._raise_if_failed()
+
+    @staticmethod
+    def _next_waiting(q: queue.Queue):
+        try:
+            return q.get_nowait()
+        except queue.Empty:
+            return None
 
     # --- the threads ----------------------------------------------------------------------------------------------
     def _feed(self, batches: Iterator[list[Item]]) -> None:

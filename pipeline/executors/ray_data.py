@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from pipeline.executors.common import run_stage
+from pipeline.executors.common import SINK_MAX_ITEMS, coalesced, run_stage
 from pipeline.executors.shards import read_batch
 from pipeline.metrics import record_stage_latency
 from pipeline.stages.base import Stage
@@ -158,8 +158,9 @@ def run_ray(
                 num_cpus=res.num_cpus,
                 **extra,
             )
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        sink(items_from_table(batch))
+    results = (items_from_table(batch) for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    for items in coalesced(results, SINK_MAX_ITEMS):  # the driver writes what has piled up in one transaction
+        sink(items)
 
 
 def ray_available() -> bool:
