@@ -15,10 +15,10 @@ DEMO_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_spec
-    from pipeline.runner import run_job
+    from pipeline.runner import plan_job, run_job
 
     spec = load_spec(args.spec, args.set)
-    summary = run_job(spec, quiet=args.quiet)
+    summary = plan_job(spec) if args.dry_run else run_job(spec, quiet=args.quiet)
     print(summary.render())
     return 0
 
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="job spec YAML (path or fsspec URL)")
     add_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan only: validate, expand, screen and resume-check the manifest, print what would run, "
+                        "write nothing")  # fmt: skip
 
     p = add("validate", _cmd_validate, "validate a spec and its manifest without generating")
     p.add_argument("spec")

@@ -131,18 +131,23 @@ def job_root(spec: JobSpec) -> str:
 
 
 class _Planner:
-    """Streams the manifest into plan shards of pending items; records rejected rows; skips done items."""
+    """Streams the manifest into plan shards of pending items; records rejected rows; skips done items.
+
+    With ``dry_run`` it writes nothing (no shard, no record) and only counts; ``store`` may then be None (no
+    audit database yet: nothing is done)."""
 
     def __init__(
         self,
         spec: JobSpec,
         family: str | None,
-        store: AuditStore,
+        store: AuditStore | None,
         storage: Storage,
         run_id: int,
         progress: Progress | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.spec, self.family, self.store, self.storage, self.run_id = spec, family, store, storage, run_id
+        self.dry_run = dry_run
         self.progress = progress
         self.on_shard: Callable[[str], None] | None = None  # told each key as it is written (streamed execution)
         self.summary_counts: Counter[str] = Counter()
@@ -177,7 +182,7 @@ class _Planner:
             return
         chunk, self._chunk = self._chunk, []
         self.summary_counts["items"] += len(chunk)
-        existing = self.store.get_items([it.item_id for it in chunk])
+        existing = self.store.get_items([it.item_id for it in chunk]) if self.store is not None else {}
         new_rejected = []
         for item in chunk:
             old = existing.get(item.item_id)
@@ -192,7 +197,7 @@ class _Planner:
             self._pending.append(item)
             if len(self._pending) >= PLAN_SHARD_ITEMS:
                 self._flush_shard()
-        if new_rejected:
+        if new_rejected and not self.dry_run:
             self.store.write_items(new_rejected, self.run_id)
 
     def plan_items(self, items: list[Item]) -> list[str]:
@@ -212,6 +217,9 @@ class _Planner:
         # Sorting by generation parameters lets the generator batch equal-parameter items together.
         items = sorted(self._pending, key=lambda it: (it.param_key(), it.item_id))
         self._pending = []
+        if self.dry_run:
+            self.summary_counts["pending"] += len(items)
+            return
         key = f"{PLAN_PREFIX}/run-{self.run_id}/part-{len(self.shards):05d}{SHARD_SUFFIX}"
         with self.storage.open_atomic(key) as f:
             write_shard(f, items, self.spec.resources.batch_size)  # a record batch per generator batch
@@ -233,6 +241,70 @@ def build_stages(spec: JobSpec) -> list[Stage]:
     )
     writer = ImageWriter(job_root(spec), quality=spec.image.quality)
     return [generator, *build_scoring_stages(spec), writer]
+
+
+@dataclass
+class PlanSummary:
+    """What ``plan_job`` (``genpipe run --dry-run``) found: the run as it would start now."""
+
+    job: str
+    rows: int = 0
+    rows_rejected: int = 0
+    items: int = 0
+    rejected: int = 0
+    blocked: int = 0
+    skipped_done: int = 0
+    pending: int = 0
+    resumed_from: str = ""
+    elapsed_s: float = 0.0
+    rows_per_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def render(self) -> str:
+        return "\n".join([
+            f"job {self.job}: dry run (nothing generated or written)",
+            f"  manifest rows: {self.rows} ({self.rows_rejected} rejected)",
+            f"  items: {self.items} — to generate {self.pending}, already done {self.skipped_done}, "
+            f"newly rejected {self.rejected}, newly blocked {self.blocked}",
+            f"  audit database: {self.resumed_from or 'none yet (nothing done)'}",
+            f"  planned in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s), "
+            f"driver peak RSS {self.peak_rss_mb:,.0f} MB",
+        ])  # fmt: skip
+
+
+def plan_job(spec: JobSpec) -> PlanSummary:
+    """Check the spec and plan the whole manifest as ``run_job`` would — validate, expand, dedupe, screen, look
+    up finished items in the audit database if it exists — without taking the lease, starting a run, or
+    writing a record, a shard or an image. Bad input raises as in ``run_job``."""
+    import resource
+
+    started = time.monotonic()
+    _, family = check_spec(spec)
+    store = None
+    with contextlib.suppress(Exception):  # no database (or not at head): nothing can be done yet
+        store = AuditStore(spec.database_url(), migrate=False)
+    try:
+        planner = _Planner(spec, family, store, Storage(job_root(spec)), 0, dry_run=True)
+        planner.run()
+    finally:
+        if store is not None:
+            store.dispose()
+    pc = planner.summary_counts
+    elapsed = time.monotonic() - started
+    return PlanSummary(
+        job=spec.name,
+        rows=pc["rows"],
+        rows_rejected=pc["rows_rejected"],
+        items=pc["items"],
+        rejected=pc["rejected_now"],
+        blocked=pc["blocked_now"],
+        skipped_done=pc["skipped_done"],
+        pending=pc["pending"],
+        resumed_from=store.safe_url if store is not None else "",
+        elapsed_s=round(elapsed, 3),
+        rows_per_s=round(pc["rows"] / elapsed, 1) if elapsed > 0 else 0.0,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
 
 
 def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:

@@ -49,3 +49,32 @@ def test_missing_manifest_is_one_line(make_spec, tmp_path, capsys, command):
 def test_set_override_error(make_spec, capsys):
     assert main(["validate", make_spec([]), "--set", "resources.batch_size=-2"]) == 2
     assert "resources.batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_run_dry_run_plans_against_the_audit_db_and_writes_nothing(make_spec, tmp_path, capsys):
+    from pipeline.audit import AuditStore
+
+    rows = [{"prompt_id": f"p{i}", "prompt": f"a mug, colour {i}"} for i in range(4)]
+    rows += [{"prompt_id": "p0", "prompt": "dup"}, {"prompt_id": "bad", "prompt": "a p 0 r n poster"}]
+    db = tmp_path / "audit.db"
+    spec = make_spec(rows, database=f"sqlite:///{db}", scoring={"enabled": True})
+    assert main(["run", spec, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "manifest rows: 6 (1 rejected)" in out, out
+    assert "to generate 4, already done 0, newly rejected 1, newly blocked 1" in out, out
+    assert "audit database: none yet" in out
+    assert not db.exists() and not (tmp_path / "out").exists()  # nothing created, not even the database
+
+    first = make_spec(rows[:2], database=f"sqlite:///{db}")  # generate two of them for real
+    assert main(["run", first, "--quiet"]) == 0
+    capsys.readouterr()
+    store = AuditStore(f"sqlite:///{db}")
+    before = (store.counts("test-job"), len(store.runs("test-job")))
+    store.dispose()
+    spec = make_spec(rows, database=f"sqlite:///{db}", scoring={"enabled": True})  # make_spec reuses its paths
+    assert main(["run", spec, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "to generate 2, already done 2, newly rejected 1, newly blocked 1" in out, out
+    store = AuditStore(f"sqlite:///{db}")
+    assert (store.counts("test-job"), len(store.runs("test-job"))) == before  # no run, no record
+    store.dispose()
