@@ -2,8 +2,9 @@
 genpipe's functions from outside, markdown tables and the results JSON.
 
 Hooks wrap functions and methods in place (and put them back afterwards) so per-stage time is measured
-without changing ``pipeline/``; each records inclusive time and *exclusive* time (minus nested hooks), so the
-exclusive times of one run add up to its wall time less what no hook covers.
+without changing ``pipeline/``; each records inclusive time and *exclusive* time (minus nested hooks in the same
+thread), per thread: the exclusive times of one thread add up to that thread's wall time less what no hook covers,
+while different threads (genpipe's stage threads) overlap in time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -224,39 +225,93 @@ class ChildSampler:
 
 
 # --- timing hooks ---------------------------------------------------------------------------------------------
+#: Helper threads whose work their starter waits for at once (``thread.start(); thread.join()``): their root hook
+#: calls count as nested calls of the hook that was running in the starting thread when it started them.
+JOINED_THREADS = frozenset({"genpipe-scorer-call"})
+#: The lane of the thread that installed the hooks (the one that calls ``run_job``).
+DRIVER = "driver"
+
+
 @dataclass
 class HookStats:
     calls: int = 0
     inclusive_s: float = 0.0
-    exclusive_s: float = 0.0
+    exclusive_s: float = 0.0  # wall time minus nested hooks of the same thread (and of its joined helpers)
     exclusive_cpu_s: float = 0.0  # CPU time of the calling thread, minus nested hooks in the same thread
     first_end: float | None = None  # monotonic time the first call returned
+
+
+class HookEvent(NamedTuple):
+    key: str
+    start: float  # monotonic
+    end: float  # monotonic
+    summary: Any  # what _summarise kept of the call (db_write: generated items written)
+    parent: str | None  # key of the hook this call was nested in (same thread or the joined helper's starter)
+    lane: str  # DRIVER, a thread name, or a joined helper's starter's lane
+
+
+class _Frame:
+    __slots__ = ("key", "start", "start_m", "nested_s", "cpu0", "nested_cpu_s", "tid", "lane", "parent")
+
+    def __init__(self, key: str, tid: int, lane: str, parent: _Frame | None) -> None:
+        self.key, self.tid, self.lane, self.parent = key, tid, lane, parent
+        self.nested_s = self.nested_cpu_s = 0.0
+        self.start_m = time.monotonic()
+        self.cpu0 = time.thread_time()
+        self.start = time.perf_counter()
 
 
 @dataclass
 class Hooks:
     """Timing wrappers around ``module[.Class].attr`` targets; ``with hooks.installed(): ...`` applies them.
 
-    One global stack (not per thread) attributes nested time: genpipe's scorer runs each part in a helper
-    thread that its caller joins at once, so calls still nest strictly. Targets that do not exist (code under
-    change) are listed in ``missing`` rather than failing the benchmark."""
+    A stack per thread: a hook's exclusive time is its wall time minus the hooks nested in it *in the same
+    thread*, so it is the time that thread spent in it, whatever other threads did meanwhile. genpipe's local
+    executor runs each stage (and the planner, and the shard reader) in its own thread, so the exclusive times
+    of different threads overlap in time and add up to more than the wall time; only one thread's add up to at
+    most the wall time. One exception: a thread named in ``joined`` (the scorer's ``genpipe-scorer-call``, which
+    its caller starts and joins at once) has its root calls counted as nested in the hook that was on top of
+    the starting thread's stack when it was started (``threading.Thread.start`` is patched while installed), and
+    belongs to that thread's lane. (A helper that outlives the join — a scorer timeout — is then counted twice.)
+
+    Each call is also counted by *lane*: ``DRIVER`` for the thread that installed the hooks, else the thread's
+    name. The driver lane's exclusive times add up to its wall time less what no hook covers.
+    Targets that do not exist (code under change) are listed in ``missing`` rather than failing the benchmark."""
 
     targets: list[tuple[str, str, str]]
+    joined: frozenset[str] = JOINED_THREADS
     stats: dict[str, HookStats] = field(default_factory=dict)
+    lanes: dict[str, dict[str, HookStats]] = field(default_factory=dict)  # lane → key → stats
     missing: list[str] = field(default_factory=list)
-    events: list[tuple[str, float, Any, str | None]] = field(default_factory=list)  # key, end, summary, parent
-    _stack: list[list[float]] = field(default_factory=list)
+    events: list[HookEvent] = field(default_factory=list)
+    _stacks: dict[int, list[_Frame]] = field(default_factory=dict)
+    _driver: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
         self.stats.clear()
+        self.lanes.clear()
         self.events.clear()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Hooks]:
         saved: list[tuple[Any, str, Any, bool]] = []
         self.missing = []
+        self._driver = threading.get_ident()
+        original_start = threading.Thread.start
+        hooks = self
+
+        def start(thread: threading.Thread, *args: Any, **kwargs: Any) -> Any:
+            # Remember who started the thread and what it was doing; a joined helper's calls nest under that.
+            tid = threading.get_ident()
+            with hooks._lock:
+                stack = hooks._stacks.get(tid)
+                top = stack[-1] if stack else None
+            thread._bench_starter = (top, top.lane if top is not None else hooks._lane_name(tid))  # type: ignore[attr-defined]
+            return original_start(thread, *args, **kwargs)
+
         try:
+            threading.Thread.start = start  # type: ignore[method-assign]
             for target, attr, key in self.targets:
                 owner = _resolve(target)
                 if owner is None or attr not in vars(owner):
@@ -270,28 +325,33 @@ class Hooks:
                 saved.append((owner, attr, original, is_static))
             yield self
         finally:
+            threading.Thread.start = original_start  # type: ignore[method-assign]
             for owner, attr, original, _ in reversed(saved):
                 setattr(owner, attr, original)
 
     def _wrap(self, fn: Any, key: str) -> Any:
         hooks = self
         if inspect.isgeneratorfunction(fn):
-            # Time each step of a generator (a page of a streamed read), not the creation of the generator.
+            # Time each step of a generator (a page of a streamed read), not the creation of the generator; a
+            # step is timed in the thread that takes it.
             @functools.wraps(fn)
             def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
                 gen = fn(*args, **kwargs)
-                while True:
-                    frame = hooks._enter(key)
-                    try:
-                        value = next(gen)
-                    except StopIteration:
-                        hooks._exit(frame, key, ())
-                        return
-                    except BaseException:
-                        hooks._exit(frame, key, ())
-                        raise
-                    hooks._exit(frame, key, ())
-                    yield value
+                try:
+                    while True:
+                        frame = hooks._enter(key)
+                        try:
+                            value = next(gen)
+                        except StopIteration:
+                            hooks._exit(frame, ())
+                            return
+                        except BaseException:
+                            hooks._exit(frame, ())
+                            raise
+                        hooks._exit(frame, ())
+                        yield value
+                finally:
+                    gen.close()  # closing the wrapper closes the wrapped generator at once (its finally runs)
 
             return gen_wrapper
 
@@ -301,44 +361,90 @@ class Hooks:
             try:
                 return fn(*args, **kwargs)
             finally:
-                hooks._exit(frame, key, args)
+                hooks._exit(frame, args)
 
         return wrapper
 
-    def _enter(self, key: str) -> list[Any]:
-        # start, wall time in nested hooks, thread CPU at start, CPU in nested hooks of this thread, thread
-        frame = [time.perf_counter(), 0.0, time.thread_time(), 0.0, threading.get_ident(), key]
+    def _lane_name(self, tid: int) -> str:
+        return DRIVER if tid == self._driver else threading.current_thread().name
+
+    def _enter(self, key: str) -> _Frame:
+        tid = threading.get_ident()
         with self._lock:
-            self._stack.append(frame)
+            stack = self._stacks.setdefault(tid, [])
+            if stack:
+                parent: _Frame | None = stack[-1]
+                lane = parent.lane  # type: ignore[union-attr]
+            else:
+                parent, lane = None, self._lane_name(tid)
+                thread = threading.current_thread()
+                starter = getattr(thread, "_bench_starter", None)
+                if starter is not None and thread.name in self.joined:
+                    parent, lane = starter
+            frame = _Frame(key, tid, lane, parent)
+            stack.append(frame)
         return frame
 
-    def _exit(self, frame: list[Any], key: str, args: tuple) -> None:
-        elapsed = time.perf_counter() - frame[0]
-        cpu = time.thread_time() - frame[2]
+    def _exit(self, frame: _Frame, args: tuple) -> None:
+        elapsed = time.perf_counter() - frame.start
+        cpu = time.thread_time() - frame.cpu0
+        end = time.monotonic()
+        summary = _summarise(frame.key, args)
         with self._lock:
-            if self._stack and self._stack[-1] is frame:
-                self._stack.pop()
-            else:  # not strictly nested (should not happen); drop it from the stack anyway
+            stack = self._stacks.get(frame.tid, [])
+            if stack and stack[-1] is frame:
+                stack.pop()
+            else:  # one thread's calls always nest; this is only a safety net
                 with contextlib.suppress(ValueError):
-                    self._stack.remove(frame)
-            parent_key = self._stack[-1][5] if self._stack else None
-            if self._stack:
-                parent = self._stack[-1]
-                parent[1] += elapsed  # the parent waited for this call, whichever thread ran it
-                if parent[4] == frame[4]:
-                    parent[3] += cpu  # CPU is per thread: only a same-thread child's CPU was the parent's
-            s = self.stats.setdefault(key, HookStats())
-            s.calls += 1
-            s.inclusive_s += elapsed
-            s.exclusive_s += elapsed - frame[1]
-            s.exclusive_cpu_s += cpu - frame[3]
-            if s.first_end is None:
-                s.first_end = time.monotonic()
-            self.events.append((key, time.monotonic(), _summarise(key, args), parent_key))
+                    stack.remove(frame)
+            parent = frame.parent
+            if parent is not None:
+                parent.nested_s += elapsed  # the parent waited for this call (same thread, or a joined helper)
+                if parent.tid == frame.tid:
+                    parent.nested_cpu_s += cpu  # CPU is per thread: only a same-thread child's CPU was the parent's
+            for s in (self.stats.setdefault(frame.key, HookStats()),
+                      self.lanes.setdefault(frame.lane, {}).setdefault(frame.key, HookStats())):  # fmt: skip
+                s.calls += 1
+                s.inclusive_s += elapsed
+                s.exclusive_s += elapsed - frame.nested_s
+                s.exclusive_cpu_s += cpu - frame.nested_cpu_s
+                if s.first_end is None:
+                    s.first_end = end
+            self.events.append(HookEvent(frame.key, frame.start_m, end, summary,
+                                         parent.key if parent is not None else None, frame.lane))  # fmt: skip
 
     def table(self) -> dict[str, dict[str, float]]:
-        return {k: {"calls": v.calls, "inclusive_s": round(v.inclusive_s, 4), "exclusive_s": round(v.exclusive_s, 4),
-                    "exclusive_cpu_s": round(v.exclusive_cpu_s, 4)} for k, v in sorted(self.stats.items())}  # fmt: skip
+        """Every hook, all threads together: calls, inclusive, exclusive and exclusive CPU seconds."""
+        return _stats_table(self.stats)
+
+    def lane_table(self) -> dict[str, dict[str, dict[str, float]]]:
+        """The same per lane (``DRIVER`` or a thread name)."""
+        return {lane: _stats_table(stats) for lane, stats in sorted(self.lanes.items())}
+
+    def covered_s(self, lane: str = DRIVER) -> float:
+        """Wall seconds of ``lane`` that some hook covers (the sum of its exclusive times)."""
+        return sum(v.exclusive_s for v in self.lanes.get(lane, {}).values())
+
+    def union_s(self, prefix: str) -> float:
+        """Wall seconds during which at least one call of a hook whose key starts with ``prefix`` was running, in
+        any thread (overlapping calls counted once)."""
+        spans = sorted((e.start, e.end) for e in self.events if e.key.startswith(prefix))
+        total, cur_start, cur_end = 0.0, None, None
+        for s, e in spans:
+            if cur_end is None or s > cur_end:
+                if cur_end is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = s, e
+            else:
+                cur_end = max(cur_end, e)
+        if cur_end is not None:
+            total += cur_end - cur_start
+        return total
+
+
+def _stats_table(stats: dict[str, HookStats]) -> dict[str, dict[str, float]]:
+    return {k: {"calls": v.calls, "inclusive_s": round(v.inclusive_s, 4), "exclusive_s": round(v.exclusive_s, 4),
+                "exclusive_cpu_s": round(v.exclusive_cpu_s, 4)} for k, v in sorted(stats.items())}  # fmt: skip
 
 
 def _summarise(key: str, args: tuple) -> Any:

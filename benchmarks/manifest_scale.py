@@ -53,7 +53,8 @@ CHILD_HOOKS = [
     ("pipeline.scoring.screen.PromptScreen", "screen", "screen"),
     ("pipeline.audit.store.AuditStore", "get_items", "db_resume_lookups"),
     ("pipeline.audit.store.AuditStore", "write_items", "db_write_rejected"),
-    ("pipeline.runner._Planner", "_flush_shard", "shard_write"),
+    ("pipeline.runner._Planner", "_flush_shard", "shard_flush"),  # exclusive: sorting the shard's items
+    ("pipeline.runner", "write_shard", "shard_write"),  # pipeline.executors.shards.write_shard, as runner calls it
     ("pipeline.runner._Planner", "run", "plan_total"),
 ]
 

@@ -17,7 +17,9 @@ Every scenario uses the same prompts, the same per-image seeds (``torch.Generato
 size, device and torch thread count. genpipe is timed through ``run_job`` as a user runs it (spec check,
 planning, model load, generation, writing, audit DB, results.parquet, summary); the bare loop is timed from
 model load to the last image. Per-stage time comes from timing hooks put on genpipe's functions from outside
-(``benchmarks.common.Hooks``) and, for Ray actors, from the per-item timings genpipe records in the audit DB.
+(``benchmarks.common.Hooks``, timed per thread) and, for Ray actors, from the per-item timings genpipe records in
+the audit DB. The local executor runs planning, shard reads and each stage in its own thread, so per-stage busy
+seconds overlap; the driver's critical path (the calling thread's time, adding up to wall) is reported apart.
 
     python -m benchmarks.throughput --repeat 3 --json benchmarks/results.json --md benchmarks/results-throughput.md
     python -m benchmarks.throughput -n 16 --steps 4 --scenarios bare,noscore      # a quick smoke run
@@ -40,6 +42,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from benchmarks.common import (
+    DRIVER,
     ChildSampler,
     Hooks,
     cpu_seconds,
@@ -67,8 +70,10 @@ DESCRIPTIONS = {
     "ray2": "(d2) genpipe Ray, 2 generator actors, scoring off, batched",
 }
 
-#: (module[.Class], attribute, stage key) — what the hooks time in the driver process. A key ``group:detail`` is
-#: kept whole in the JSON and summed by group in the per-stage table.
+#: (module[.Class], attribute, stage key) — what the hooks time in the driver process, in whichever thread runs it.
+#: A key ``group:detail`` is kept whole in the JSON and summed by group in the tables. A function imported by name
+#: (``from pipeline.executors.shards import iter_batches``) is hooked where it is looked up (``pipeline.runner``):
+#: patching its home module would not change the caller's reference.
 HOOK_TARGETS = [
     ("pipeline.runner", "check_spec", "check_spec"),
     ("pipeline.runner", "model_fingerprint", "check_spec:fingerprint"),
@@ -81,19 +86,31 @@ HOOK_TARGETS = [
     ("pipeline.audit.store.AuditStore", "iter_records", "db:iter_items"),
     ("pipeline.audit.store.AuditStore", "counts", "db:counts"),
     ("pipeline.audit.store.AuditStore", "write_items", "db_write"),
+    # Planning: local runs plan in the ``genpipe-planner`` thread while the stages execute; Ray plans first.
     ("pipeline.runner._Planner", "run", "plan"),
-    ("pipeline.runner", "items_from_table", "shard_read"),
+    ("pipeline.runner._Planner", "plan_items", "plan:regenerate"),
+    ("pipeline.runner", "write_shard", "shard_write"),  # pipeline.executors.shards.write_shard
+    ("pipeline.storage.Storage", "delete", "plan:delete_shards"),
+    # The ``genpipe-source`` thread: each step of iter_batches reads one record batch of a shard (Arrow IPC) into
+    # items; nested in it, each step of _planned_shards is the wait for the planner's next shard.
+    ("pipeline.runner", "iter_batches", "shard_read"),  # pipeline.executors.shards.iter_batches
+    ("pipeline.runner", "_planned_shards", "plan_wait"),
+    ("pipeline.runner", "shard_rows", "shard_read:rows"),  # regeneration rounds
+    ("pipeline.runner", "shard_batches", "shard_read:count"),  # Ray: the work units, in the driver
     ("pipeline.executors.ray_data", "items_from_table", "ray:to_items"),
     ("pipeline.runner", "build_stages", "check_spec:build_stages"),
     ("pipeline.runner", "library_versions", "db:run_info"),
-    ("pipeline.storage.Storage", "delete", "plan:delete_shards"),
-    ("pipeline.executors.local", "run_local", "other:executor_loop"),
+    # The driver's wait for the stage threads (run_local less the sink's db_write nested in it).
+    ("pipeline.executors.local", "run_local", "executor:local"),
     ("pipeline.executors.ray_data", "init_ray", "ray:init"),
     ("pipeline.executors.ray_data", "run_ray", "ray:execute"),
+    # Stage threads (``genpipe-generate``, ``genpipe-score``, ``genpipe-write``): setup, then one call per batch.
     ("pipeline.stages.generate.DiffusersGenerator", "setup", "model_load:generator"),
+    ("pipeline.stages.generate.DiffusersGenerator", "process", "generate:process"),
     ("pipeline.stages.generate.DiffusersGenerator", "_generate", "generate"),
     ("pipeline.stages.score.Scorer", "setup", "model_load:scorer"),
     ("pipeline.stages.score.Scorer", "process", "score_other"),
+    # These run in ``genpipe-scorer-call`` helpers that the score thread starts and joins at once (Hooks.joined).
     ("pipeline.scoring.clip.ClipEmbedder", "embed_images", "embed:images"),
     ("pipeline.scoring.clip.ClipEmbedder", "embed_texts", "embed:texts"),
     ("pipeline.scoring.nsfw.OpenNsfw", "score", "heads:open_nsfw"),
@@ -112,9 +129,20 @@ HOOK_TARGETS = [
     ("pipeline.runner", "_decision_counts", "post_run:decision_counts"),
     ("pipeline.runner", "_write_summary", "post_run:summary"),
 ]
-#: Columns of the per-stage table, in pipeline order ("other": wall time no hook covers).
-STAGE_COLUMNS = ("check_spec", "plan", "ray", "model_load", "shard_read", "generate", "embed", "heads", "score_other",
-                 "encode", "write", "db_write", "db", "post_run", "other")  # fmt: skip
+#: Columns of the per-stage busy table, in pipeline order: each stage's exclusive seconds in the thread that ran
+#: it, all threads together. Stages overlap in time, so they do not add up to the wall time.
+STAGE_COLUMNS = ("check_spec", "plan", "shard_write", "model_load", "shard_read", "generate", "embed", "heads",
+                 "score_other", "encode", "write", "db_write", "db", "post_run", "ray")  # fmt: skip
+#: Keys or groups that are a thread waiting for another, not work: shown as "waiting" in the per-thread table.
+WAIT_KEYS = ("plan_wait", "executor", "ray:execute")
+#: Columns of the driver's critical path (the calling thread's exclusive seconds; they add up to the wall time).
+CRITICAL_COLUMNS = ("check_spec", "db", "plan", "shard_read", "model_load", "generate", "executor", "ray", "db_write",
+                    "post_run", "other")  # fmt: skip
+
+
+def is_wait(key: str) -> bool:
+    return key in WAIT_KEYS or key.split(":")[0] in WAIT_KEYS
+
 
 PROMPT_SUBJECTS = (
     "leather handbag",
@@ -278,6 +306,7 @@ def run_bare(cfg: Config, rows: list[dict[str, Any]], per_image: bool) -> dict[s
         "driver_peak_rss_mb": peak_rss_mb(),
         "stages_s": {"model_load": round(load_s, 3), "generate": round(wall - load_s, 3)},
         "stages_cpu_s": {"generate": round(loop_cpu, 3)},
+        "critical_path_s": {"model_load": round(load_s, 3), "generate": round(wall - load_s, 3), "other": 0.0},
         "loadavg_before": load0,
         "loadavg_after": loadavg(),
         "images_per_call": size,
@@ -355,13 +384,28 @@ def run_genpipe(cfg: Config, name: str, manifest: str, *, executor: str, scoring
 
     # The sink's writes of generated items, in order: time to first image and the steady rate.
     # (Not the post-run rewrites: ranking re-records every scored item after the last batch.)
-    marks = [(t - t0m, n) for key, t, n, parent in hooks.events
-             if key == "db_write" and n and not (parent or "").startswith("post_run")]  # fmt: skip
+    marks = [(e.end - t0m, e.summary) for e in hooks.events
+             if e.key == "db_write" and e.summary and not (e.parent or "").startswith("post_run")]  # fmt: skip
     stats = hooks.stats
-    load_s = sum(v.inclusive_s for k, v in stats.items() if k.startswith("model_load"))
+    # Stage threads load their models at once, overlapping each other (and planning): the time any model was
+    # loading, overlaps counted once.
+    load_s = hooks.union_s("model_load")
+    # Busy seconds per hook: exclusive wall time in the thread that ran it, all threads together (they overlap).
     stages = {k: round(v.exclusive_s, 4) for k, v in stats.items()}
-    stages["other"] = round(wall - sum(v.exclusive_s for v in stats.values()), 4)
+    # "other": the calling thread's wall time that no hook covers (only its own frames: never negative).
+    other = round(wall - hooks.covered_s(DRIVER), 4)
+    stages["other"] = other
     stages_cpu = {k: round(v.exclusive_cpu_s, 4) for k, v in stats.items()}
+    # The driver's critical path: what the calling thread spent its wall time on (adds up to wall).
+    critical = {k: round(v.exclusive_s, 4) for k, v in hooks.lanes.get(DRIVER, {}).items()}
+    critical["other"] = other
+    threads = {}
+    for lane, lane_stats in hooks.lanes.items():
+        waits = sum(v.exclusive_s for k, v in lane_stats.items() if is_wait(k))
+        threads[lane] = {"busy_s": round(sum(v.exclusive_s for v in lane_stats.values()) - waits, 4),
+                         "wait_s": round(waits, 4),
+                         "cpu_s": round(sum(v.exclusive_cpu_s for v in lane_stats.values()), 4),
+                         "stages_s": {k: round(v.exclusive_s, 4) for k, v in sorted(lane_stats.items())}}  # fmt: skip
     result: dict[str, Any] = {
         "scenario": name,
         "images": len(generated),
@@ -378,7 +422,10 @@ def run_genpipe(cfg: Config, name: str, manifest: str, *, executor: str, scoring
         "driver_peak_rss_mb": driver_peak,
         "stages_s": stages,
         "stages_cpu_s": stages_cpu,
+        "critical_path_s": critical,
+        "threads_s": threads,
         "hooks": hooks.table(),
+        "hooks_by_thread": hooks.lane_table(),
         "hooks_missing": list(hooks.missing),
         "item_timings_sum_s": {k: round(v, 3) for k, v in sorted(timing_sums.items())},
         "run_summary_images_per_s": round(summary.images_per_s, 4),
@@ -610,21 +657,59 @@ def render_markdown(cfg: Config, payload: dict[str, Any]) -> str:
         ["d₂/d₁ steady state", pct(s["scaling_2_vs_1_steady"]), ""],
         ["d₁/b: Ray 1 actor ÷ local", pct(s["ratio_ray1_vs_local"]), "report"],
     ]), ""]  # fmt: skip
-    stage_rows = []
+
+    def grouped(stages: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, v in stages.items():
+            out[key.split(":")[0]] = out.get(key.split(":")[0], 0.0) + v
+        return out
+
+    stage_rows, critical_rows, thread_rows = [], [], []
     for name in ALL_SCENARIOS:
         if name not in r:
             continue
-        grouped: dict[str, float] = {}
-        for key, v in r[name]["stages_s"].items():
-            grouped[key.split(":")[0]] = grouped.get(key.split(":")[0], 0.0) + v
-        stage_rows.append([name, r[name]["wall_s"], *[grouped.get(c) for c in STAGE_COLUMNS]])
+        busy = grouped(r[name]["stages_s"])
+        stage_rows.append([name, r[name]["wall_s"], *[busy.get(c) for c in STAGE_COLUMNS]])
+        critical_rows.append((name, r[name]["wall_s"], grouped(r[name].get("critical_path_s", {}))))
+        for lane, t in sorted(r[name].get("threads_s", {}).items(), key=lambda kv: (kv[0] != DRIVER, kv[0])):
+            top = sorted(grouped(t["stages_s"]).items(), key=lambda kv: -kv[1])[:4]
+            thread_rows.append([name, lane, t["busy_s"], t["wait_s"], t["cpu_s"],
+                                ", ".join(f"{k} {v:.3f}" for k, v in top if v > 0)])  # fmt: skip
     lines += [
-        "Per-stage seconds (driver process; exclusive of nested stages; `other` = wall time no hook covers — "
-        "executor loop, shard reads, record conversion; for Ray, generation runs in the actors, see below):",
+        "Per-stage **busy** seconds (driver process, all threads: each hooked stage's exclusive wall time in the "
+        "thread that ran it, nested stages subtracted within that thread). The local executor runs planning, "
+        "shard reads, generate, score and write in their own threads at once, so these columns **overlap in time "
+        "and do not add up to wall**; for Ray, generation runs in the actors (see below) and `ray` is the driver "
+        "waiting for it:",
         "",
         md_table(["scenario", "wall", *STAGE_COLUMNS], stage_rows),
         "",
     ]
+    # The driver's hooks that ran in some scenario, in pipeline order; any unexpected group just before "other".
+    crit_cols = [c for c in CRITICAL_COLUMNS[:-1] if any(g.get(c) for _, _, g in critical_rows)]
+    crit_cols += sorted({k for _, _, g in critical_rows for k, v in g.items() if v and k not in CRITICAL_COLUMNS})
+    crit_cols.append("other")
+    lines += [
+        "The driver's **critical path**: what the thread that called `run_job` spent the wall time on (its own "
+        "hooks' exclusive seconds; these add up to wall). `executor` = waiting for the local stage threads' results "
+        "(what generate/score/write could not hide behind the sink), `ray` = waiting for Ray, `db_write` = the sink "
+        "writing results, `other` = time no hook covers in this thread:",
+        "",
+        md_table(
+            ["scenario", "wall", *crit_cols], [[n, w, *[g.get(c) for c in crit_cols]] for n, w, g in critical_rows]
+        ),
+        "",
+    ]
+    if thread_rows:
+        lines += [
+            "Per thread (genpipe runs; `driver` = the thread that called `run_job`, the others are genpipe's): hooked "
+            "busy seconds, seconds waiting for another thread (`plan_wait`: the shard reader waiting for the "
+            "planner's next shard; `executor`, `ray:execute`: the driver waiting for the stages), thread CPU seconds "
+            "inside hooks, and the biggest stages (waits included):",
+            "",
+            md_table(["scenario", "thread", "busy s", "waiting s", "CPU s", "top stages (s)"], thread_rows),
+            "",
+        ]
     cpu_rows = []
     for name in ALL_SCENARIOS:
         x = r.get(name)
@@ -634,11 +719,11 @@ def render_markdown(cfg: Config, payload: dict[str, Any]) -> str:
             cpu_rows.append([name, gen_wall, gen_cpu, round(gen_cpu / gen_wall, 3) if gen_wall else None,
                              round(gen_cpu / max(1, x["images"]), 4), round(rest, 3)])  # fmt: skip
     if cpu_rows:
-        lines += ["The model call's own CPU time (thread CPU of the calling thread): the same work costs the same CPU "
-                  "on both sides; where wall time differs at equal CPU, the process was waiting for a core "
+        lines += ["The model call's own CPU time (thread CPU of the thread that calls it): the same work costs the "
+                  "same CPU on both sides; where wall time differs at equal CPU, the process was waiting for a core "
                   "(load from other processes), not working:", "",
                   md_table(["scenario", "generate wall s", "generate CPU s", "CPU/wall", "generate CPU s/image",
-                            "CPU s in all other hooked stages (main thread)"], cpu_rows), ""]  # fmt: skip
+                            "CPU s in all other hooked stages (all threads)"], cpu_rows), ""]  # fmt: skip
     actor_rows = []
     for name in ALL_SCENARIOS:
         x = r.get(name)
