@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.throughput --repeat 3 --json $(BENCH_JSON) --md benchmarks/results-throughput.md
 	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 20000 --modes dry,validate_cli,plan_noscreen,plan \
 		--json $(BENCH_JSON) --md benchmarks/results-manifest.md
-	$(BENCH_ENV) $(PY) -m benchmarks.audit_writes --prototype --json $(BENCH_JSON) --md benchmarks/results-audit.md
+	$(BENCH_ENV) $(PY) -m benchmarks.audit_writes --verify --json $(BENCH_JSON) --md benchmarks/results-audit.md
 
 bench-scale: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 1000000 --tag 1m --json $(BENCH_JSON) \

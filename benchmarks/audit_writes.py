@@ -6,10 +6,9 @@ and a database created for the run on the PostgreSQL server at ``GENPIPE_BENCH_P
 ``postgresql://postgres@127.0.0.1:5432/postgres``), dropped afterwards. Each backend is measured twice: first
 inserts, then the same ids rewritten (what ranking and retries do: upsert + one more chain event each).
 ``--profile`` adds a cProfile of the SQLite inserts (the top functions by cumulative and own time).
-``--prototype`` also measures ``prototype_write_items`` on SQLite: an experiment, not genpipe code, that writes
-the same rows and the same hash-chained events with the per-row SQLAlchemy work taken out, then runs
-``genpipe audit verify``'s checks on the result — evidence for what a change to ``AuditStore.write_items``
-would gain (see RESULTS.md).
+``--verify`` then runs ``genpipe audit verify``'s checks (chain and rows) on every database written. (The old
+``--prototype`` measured an experimental writer that ``AuditStore.write_items`` now is; it is kept as a synonym
+of ``--verify``.)
 
     python -m benchmarks.audit_writes --json benchmarks/results.json
 """
@@ -109,127 +108,11 @@ def postgres_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _canonical_scalar(value: Any) -> str:
-    """A scalar exactly as ``canonical_json`` writes it."""
-    import json
-
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return json.encoder.encode_basestring(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("NaN or Infinity in an audit record")
-        return float.__repr__(value)
-    if isinstance(value, int):
-        return int.__repr__(value)
-    raise TypeError(type(value))
-
-
-def _record_texts(row: dict[str, Any]) -> tuple[dict[str, str], str]:
-    """The JSON columns as canonical text, each serialised once, and the item_recorded payload assembled from
-    the same texts (equal to ``canonical_json(item_payload(row))``)."""
-    from pipeline.audit.chain import ITEM_FIELDS, canonical_json
-
-    json_fields = ("lora", "tags", "metadata", "reasons", "scores", "timings")
-    texts = {k: canonical_json(row[k]) for k in json_fields}
-    keys = sorted((*ITEM_FIELDS, "run_id"))
-    parts = [f"{_canonical_scalar(k)}:{texts[k] if k in texts else _canonical_scalar(row[k])}" for k in keys]
-    return texts, "{" + ",".join(parts) + "}"
-
-
-def prototype_write_items(store: Any, items: list, run_id: int | None, fields_once: bool = False) -> None:
-    """EXPERIMENT — ``AuditStore.write_items`` on SQLite with the same rows, payloads and hashes, but: (1) both
-    INSERTs go to the DB-API ``executemany`` with values already in their stored form (the compiled statements
-    and bind processors are looked up once per batch, not per row), (2) the events' shared timestamp is
-    formatted once per batch instead of once per event. Byte-identical rows; the chain verifies. With
-    ``fields_once`` (3) each JSON field is serialised once, canonically, and that text is both the column value and
-    part of the payload (the columns then hold sorted, compact JSON: the same values)."""
-    import hashlib
-
-    from sqlalchemy.dialects import sqlite
-
-    from pipeline.audit.chain import (
-        _INSERT_COLUMNS,
-        GENESIS_HASH,
-        HASH_VERSION,
-        ITEM_RECORDED,
-        _events,
-        canonical_json,
-        chain_head,
-        database_clock,
-        format_time,
-        item_payload,
-    )
-    from pipeline.audit.schema import utcnow
-    from pipeline.audit.store import _item_to_row, _items, _jobs
-
-    if not items:
-        return
-    by_id = {item.item_id: _item_to_row(item, run_id) for item in items}
-    rows = [by_id[k] for k in sorted(by_id)]
-    jobs = [{"name": j} for j in sorted({r["job"] for r in rows})]
-    if fields_once:
-        texts, payloads = [], []
-        for r in rows:
-            t, payload = _record_texts(r)
-            texts.append(t)
-            payloads.append(payload)
-    else:
-        payloads = [canonical_json(item_payload(r)) for r in rows]
-    cache = store.__dict__.setdefault("_bench_prototype", {})
-    if not cache:
-        dialect = store.engine.dialect
-        ins = sqlite.insert(_items)
-        updated = {c.key: ins.excluded[c.key] for c in _items.c if c.key not in ("item_id", "created_at")}
-        upsert = ins.on_conflict_do_update(index_elements=[_items.c.item_id], set_={**updated, "updated_at": utcnow()})
-        compiled = upsert.compile(dialect=dialect, column_keys=list(rows[0]))
-        ev = sqlite.insert(_events).compile(dialect=dialect, column_keys=list(_INSERT_COLUMNS))
-        cache.update(items_sql=str(compiled), order=list(compiled.positiontup), procs=dict(compiled._bind_processors),
-                     events_sql=str(ev), ev_order=list(ev.positiontup), ev_created=ev._bind_processors["created_at"],
-                     new_jobs=sqlite.insert(_jobs).on_conflict_do_nothing(index_elements=[_jobs.c.name]))  # fmt: skip
-    order, procs = cache["order"], cache["procs"]
-    if fields_once:
-        guidance = procs.get("guidance_scale")
-        item_params = [tuple(t[k] if k in t else (guidance(r[k]) if k == "guidance_scale" and guidance else r[k])
-                             for k in order) for r, t in zip(rows, texts, strict=True)]  # fmt: skip
-    else:
-        item_params = [tuple(procs[k](r[k]) if k in procs else r[k] for k in order) for r in rows]
-
-    def tx(conn: Any) -> None:
-        conn.execute(cache["new_jobs"], jobs)
-        conn.exec_driver_sql(cache["items_sql"], item_params)
-        seq, prev = chain_head(conn) or (0, GENESIS_HASH)
-        now = database_clock(conn)
-        stamp, stored_now = format_time(now), cache["ev_created"](now)
-        params = []
-        for r, payload in zip(rows, payloads, strict=True):
-            seq += 1
-            envelope = {"seq": seq, "prev_hash": prev, "kind": ITEM_RECORDED, "job": r["job"], "item_id": r["item_id"],
-                        "run_id": run_id, "reviewer_id": None, "reason_code": None, "text": None,
-                        "supersedes": None, "created_at": stamp, "payload": payload, "v": HASH_VERSION}  # fmt: skip
-            digest = hashlib.sha256(canonical_json(envelope).encode("utf-8")).hexdigest()
-            values = {**envelope, "created_at": stored_now, "hash": digest}
-            params.append(tuple(values[c] for c in cache["ev_order"]))
-            prev = digest
-        conn.exec_driver_sql(cache["events_sql"], params)
-
-    store._write("write_items", tx)
-
-
-def measure(url: str, items: list, batch: int, profile: bool, writer: str = "write_items") -> dict[str, Any]:
+def measure(url: str, items: list, batch: int, profile: bool, check: bool = False) -> dict[str, Any]:
     from pipeline.audit import AuditStore
 
     store = AuditStore(url)
-    if writer == "write_items":
-        write = store.write_items
-    else:
-        once = writer == "prototype_fields_once"
-        write = lambda b, run: prototype_write_items(store, b, run, fields_once=once)  # noqa: E731
+    write = store.write_items
     try:
         run_id = store.begin_run(items[0].job, {"bench": True}, {}, {})
         out: dict[str, Any] = {}
@@ -265,7 +148,7 @@ def measure(url: str, items: list, batch: int, profile: bool, writer: str = "wri
         out["events"] = head[0] if head else 0
         out["count_s"] = round(time.perf_counter() - t0, 3)
         store.end_run(run_id, "succeeded", counts, {})
-        if writer != "write_items":
+        if check:
             from pipeline.audit import verify
 
             report = verify(store)
@@ -326,6 +209,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _verified(result: dict[str, Any]) -> str:
+    return "" if "verify_ok" not in result else f"; verify ok: {result['verify_ok']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_env()
     p = argparse.ArgumentParser(prog="python -m benchmarks.audit_writes", description=__doc__.split("\n\n")[0])
@@ -335,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure at the size the run's sink writes (one generator batch; 0: skip)")  # fmt: skip
     p.add_argument("--backends", default="sqlite,postgresql")
     p.add_argument("--profile", action="store_true", help="cProfile the SQLite inserts; prints the top functions")
-    p.add_argument("--prototype", action="store_true", help="also measure the prototype writer on SQLite")
+    p.add_argument("--verify", action="store_true", help="check the chain and rows of every database written")
+    p.add_argument("--prototype", action="store_true", help=argparse.SUPPRESS)  # the old name: now --verify
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--md", dest="md_path", default=None)
     args = p.parse_args(argv)
+    check = args.verify or args.prototype
     machine = machine_info()
     t0 = time.perf_counter()
     items = realistic_items(args.records)
@@ -355,23 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ctx = sqlite_database(workdir) if backend == "sqlite" else postgres_database()
                 with ctx as url:
-                    backends[backend] = measure(url, items, args.batch, args.profile and backend == "sqlite")
-                if backend == "sqlite" and args.prototype:
-                    with sqlite_database(os.path.join(workdir, "proto")) as url:
-                        os.makedirs(os.path.join(workdir, "proto"), exist_ok=True)
-                        backends["sqlite_prototype"] = measure(url, items, args.batch, False, "prototype")
-                    with sqlite_database(os.path.join(workdir, "proto2")) as url:
-                        os.makedirs(os.path.join(workdir, "proto2"), exist_ok=True)
-                        backends["sqlite_prototype_fields_once"] = measure(url, items, args.batch, False,
-                                                                           "prototype_fields_once")  # fmt: skip
-                    for name in ("sqlite_prototype", "sqlite_prototype_fields_once"):
-                        pr = backends[name]
-                        print(f"  {name}: inserts {pr['insert']['records_per_s']:,.0f}/s "
-                              f"({pr['insert']['records_per_cpu_s']:,.0f}/CPU-s), verify ok: {pr['verify_ok']}",
-                              flush=True)  # fmt: skip
+                    backends[backend] = measure(url, items, args.batch, args.profile and backend == "sqlite", check)
                 r = backends[backend]
                 ins, rew = r["insert"]["records_per_s"], r["rewrite"]["records_per_s"]
-                print(f"  inserts {ins:,.0f}/s, rewrites {rew:,.0f}/s", flush=True)
+                print(f"  inserts {ins:,.0f}/s, rewrites {rew:,.0f}/s" + _verified(r), flush=True)
                 if args.sink_batch:
                     # One transaction per generator batch, as run_job's sink writes today.
                     small = items[: min(len(items), 4000)]
@@ -379,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                     os.makedirs(sub, exist_ok=True)
                     ctx = sqlite_database(sub) if backend == "sqlite" else postgres_database()
                     with ctx as url:
-                        backends[f"{backend}@{args.sink_batch}"] = measure(url, small, args.sink_batch, False)
+                        backends[f"{backend}@{args.sink_batch}"] = measure(url, small, args.sink_batch, False, check)
                     r = backends[f"{backend}@{args.sink_batch}"]
-                    print(f"  batches of {args.sink_batch}: inserts {r['insert']['records_per_s']:,.0f}/s", flush=True)
+                    rate = r["insert"]["records_per_s"]
+                    print(f"  batches of {args.sink_batch}: inserts {rate:,.0f}/s" + _verified(r), flush=True)
             except Exception as exc:  # a missing server is reported, not fatal
                 backends[backend] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 print(f"  {backends[backend]['error']}", flush=True)

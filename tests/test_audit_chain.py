@@ -9,8 +9,10 @@ import multiprocessing
 import os
 import shutil
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -18,7 +20,16 @@ from sqlalchemy import create_engine, event, select, text
 
 from pipeline.audit import AuditStore, AuditStoreError
 from pipeline.audit.anchor import ANCHOR_KEY, read_anchor, write_chain_anchor
-from pipeline.audit.chain import CHAIN_STARTED, ITEM_RECORDED, canonical_json, event_hash
+from pipeline.audit.chain import (
+    CHAIN_STARTED,
+    ITEM_RECORDED,
+    _row_hash,
+    canonical_json,
+    event_hash,
+    format_time,
+    json_default,
+    json_encoder,
+)
 from pipeline.audit.migrate import alembic_config, head_revision
 from pipeline.audit.reviews import ReviewError
 from pipeline.audit.schema import EventRow, metadata
@@ -168,6 +179,59 @@ def test_a_clean_database_verifies_with_images_and_anchor(db: Populated, capsys)
     assert code == 0, out
     assert out.startswith("audit chain OK: 14 events, 6 items, 1 runs, 4 images, 1 anchor checked; head seq 14")
     assert db.anchor["seq"] == 14 and db.anchor["job"] == JOB
+
+
+# --- the fast serialisers give the reference's bytes ---------------------------------------------------------
+
+JSON_VALUES = [
+    None, True, 0, -1, 2**70, 0.1 + 0.2, -0.0, 1e-7, 1e22, 5e-324, "", "é☃🥿", 'q"b\\s\n\t\x00\x1f\u2028',
+    [], {}, (1, "two"), {"b": 1, "a": [1, {"y": 2, "x": None}], "é": {}}, {3: "int key", "2": "str key"},
+    {2.5: "float key", True: "bool key", None: "none key"}, {"s": {"b", "a"}, "f": frozenset([2, 1])},
+    {"np": [np.float32(0.25), np.int64(7), np.bool_(True), np.arange(3), np.float64(0.3)]}, {"obj": object},
+    [[[[{"deep": [1.5]}]]]],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", JSON_VALUES, ids=range(len(JSON_VALUES)))
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+@pytest.mark.parametrize("sort_keys", [True, False])
+def test_json_encoder_writes_what_json_dumps_writes(value, separators, sort_keys):
+    options = {"ensure_ascii": False, "allow_nan": False, "default": json_default}
+    dumps = json_encoder(separators, sort_keys)
+    try:
+        expected = json.dumps(value, separators=separators, sort_keys=sort_keys, **options)
+    except TypeError:  # keys of mixed types cannot be sorted: the same error
+        with pytest.raises(TypeError):
+            dumps(value)
+        return
+    assert dumps(value) == expected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), [float("inf")], {"a": {"b": -float("inf")}}])
+def test_json_encoder_refuses_nan_like_json_dumps(bad):
+    with pytest.raises(ValueError):
+        json_encoder((",", ":"), True)(bad)
+    with pytest.raises(ValueError, match="NaN or Infinity"):
+        canonical_json(bad)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"job": 'j"ob\\ é\n', "item_id": "☃" * 32, "run_id": 2**40, "text": "a\x00b\u2028", "reason_code": ""},
+        {"kind": "review_reject", "reviewer_id": 3, "supersedes": 17, "reason_code": "nsfw", "text": "too much"},
+        {"run_id": np.int64(4)},  # not a plain int: hashed through canonical_json, as event_hash does
+        {"run_id": True},  # a bool is not an int to JSON
+    ],
+)
+def test_the_fast_envelope_hashes_as_event_hash(fields):
+    now = datetime(2026, 11, 30, 10, 1, 2, 345000, tzinfo=UTC)
+    row = {"seq": 41, "prev_hash": "ab" * 32, "kind": ITEM_RECORDED, "job": "job", "item_id": "i" * 32, "run_id": None,
+           "reviewer_id": None, "reason_code": None, "text": None, "supersedes": None, "created_at": now,
+           "payload": canonical_json({"x": [1.5, "é", None], "q": '"'})}  # fmt: skip
+    row.update(fields)
+    assert _row_hash(row, format_time(now)) == event_hash(row)
 
 
 def test_events_hash_as_documented(db: Populated):

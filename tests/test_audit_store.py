@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import create_engine, event, func, insert, select
 
 from pipeline.audit import RESULTS_SCHEMA, AuditStore, AuditStoreError, item_to_record, write_results_parquet
+from pipeline.audit.chain import ITEM_FIELDS, item_payload, json_default
 from pipeline.audit.schema import EventRow, ItemRow
+from pipeline.audit.store import _item_to_row
 from pipeline.audit.verify import verify
 from schemas.record import Item
 from tests.pg import postgres_url  # noqa: F401  (session fixture, reached through request.getfixturevalue)
@@ -254,6 +256,107 @@ def test_concurrent_writer_processes_lose_nothing(store: AuditStore, db_url: str
         recorded = select(func.count()).where(EventRow.job == job, EventRow.kind == "item_recorded")
         assert conn.scalar(recorded) == 8 * 250
     report = verify(store)  # one unbroken chain, whatever the interleaving (other tests' events included)
+    assert report.ok, report.render()
+
+
+def _reference_json(obj) -> str:
+    """A JSON column's text as SQLAlchemy's JSON type wrote it before write_items bypassed it (plain json.dumps)."""
+    return json.dumps(obj, ensure_ascii=False, default=json_default, allow_nan=False)
+
+
+def _stored_text(conn, ids: list[str]) -> dict[str, tuple]:
+    """Each row's persisted columns (not item_id, not the DB timestamps) as the database's own text of them:
+    JSON columns byte for byte, numbers with their storage type (SQLite: typeof + quote; PostgreSQL: ::text)."""
+    names = [n for n in (*ITEM_FIELDS, "run_id") if n != "item_id"]
+    if conn.dialect.name == "sqlite":
+        exprs = [f'typeof("{n}") || \':\' || quote("{n}")' for n in names]
+    else:
+        exprs = [f'"{n}"::text' for n in names]
+    marks = ", ".join(["?" if conn.dialect.name == "sqlite" else "%s"] * len(ids))
+    sql = f"SELECT item_id, {', '.join(exprs)} FROM items WHERE item_id IN ({marks})"
+    return {r[0]: tuple(r[1:]) for r in conn.exec_driver_sql(sql, tuple(ids))}
+
+
+def test_write_items_stores_byte_for_byte_what_sqlalchemy_core_stores(store: AuditStore, job: str):
+    """write_items sends DB-API tuples with its own JSON text; the rows must equal, byte for byte, those written
+    through SQLAlchemy Core's JSON type with a plain ``json.dumps`` serializer (what write_items did before)."""
+    run_id = store.begin_run(job, {}, {}, {})
+    tricky = make_item(
+        job,
+        3,
+        guidance_scale=7,  # an int: stored as a float, as SQLAlchemy's Float stores it
+        seed=np.int64(12345),
+        prompt='quote " backslash \\ newline \n tab \t ctrl \x01 — 日本語 🥿',
+        negative_prompt=None,
+        lora=[{"path": "s3://b/l.safetensors", "scale": np.float32(0.75)}],
+        tags=("tuple", "of", "tags"),
+        metadata={"z": 1, "a": {"nested": [1e-7, 1e22, -0.0, 2**70, True, None]}, "é": "☃", "set": {"b", "a"}},
+        scores={"nsfw": np.float64(0.1) + 0.2, "clip": 0.28170001, "arr": np.arange(3), "none": None},
+        timings={},
+        status="generated",
+    )
+    first = make_item(job, 5, status="pending", scores={"nsfw": 0.9})
+    last = make_item(job, 5, status="generated", decision="pass", scores={"nsfw": 0.01}, attempt=3)
+    items = [full_item(job), tricky, first, make_item(job, 4, lora=[], tags=[]), last]  # id 5 twice: the last wins
+    store.write_items(items, run_id)
+
+    expected = {item.item_id: _item_to_row(item, run_id) for item in items}
+    twin = {item_id: "f" * 8 + item_id[8:] for item_id in expected}  # the same row under another id
+    serializer_engine = create_engine(store.url, json_serializer=_reference_json)
+    try:
+        with serializer_engine.connect() as conn:
+            tx = conn.begin()
+            conn.execute(insert(ItemRow.__table__), [{**row, "item_id": twin[i]} for i, row in expected.items()])
+            written = _stored_text(conn, list(expected))
+            reference = _stored_text(conn, list(twin.values()))
+            tx.rollback()  # the twins never existed
+    finally:
+        serializer_engine.dispose()
+    assert len(written) == len(reference) == 4
+    for item_id in expected:
+        assert written[item_id] == reference[twin[item_id]], item_id
+
+    with store.engine.connect() as conn:  # the event of each item holds its canonical record
+        payloads = dict(
+            conn.execute(
+                select(EventRow.item_id, EventRow.payload).where(EventRow.job == job, EventRow.kind == "item_recorded")
+            ).all()
+        )
+    assert set(payloads) == set(expected)
+    for item_id, row in expected.items():
+        canonical = json.dumps(item_payload(row), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                               allow_nan=False, default=json_default)  # fmt: skip
+        assert payloads[item_id] == canonical
+    assert store.get_items([last.item_id])[last.item_id] == last
+    report = verify(store)
+    assert report.ok, report.render()
+
+
+def test_write_items_retries_a_transient_error_as_one_transaction(store: AuditStore, job: str, monkeypatch):
+    """The upsert has run when the events insert fails: the retry starts the transaction again, from the top."""
+    items = [make_item(job, n, status="generated") for n in range(6)]
+    dialect = store.engine.dialect
+    real = dialect.do_executemany
+    failed = []
+
+    def flaky(cursor, statement, parameters, context=None):
+        if statement.startswith("INSERT INTO events") and not failed:
+            failed.append(statement)
+            if dialect.name == "sqlite":
+                raise sqlite3.OperationalError("database is locked")
+            import psycopg
+
+            raise psycopg.errors.SerializationFailure("could not serialize access")
+        return real(cursor, statement, parameters, context)
+
+    monkeypatch.setattr(dialect, "do_executemany", flaky)
+    store.write_items(items, None)
+    assert failed  # it did fail once
+    assert row_count(store, job) == 6
+    with store.engine.connect() as conn:
+        recorded = select(func.count()).where(EventRow.job == job, EventRow.kind == "item_recorded")
+        assert conn.scalar(recorded) == 6  # the failed attempt left nothing behind
+    report = verify(store)
     assert report.ok, report.render()
 
 

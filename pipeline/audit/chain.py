@@ -21,15 +21,18 @@ PostgreSQL the transaction takes ``pg_advisory_xact_lock(CHAIN_LOCK_ID)`` before
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, func, insert, select, text
+from sqlalchemy import Connection, func, select, text
 
 from pipeline.audit.schema import EventRow
 from schemas.record import Item
@@ -61,7 +64,18 @@ REVIEWER_FIELDS = ("id", "name", "role", "disabled")
 
 _events = EventRow.__table__
 _INSERT_COLUMNS = (*HASHED_COLUMNS, "hash")
-_PG_INSERT = f"INSERT INTO events ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_INSERT_COLUMNS))})"
+_INSERT_SQL = f"INSERT INTO events ({', '.join(_INSERT_COLUMNS)}) VALUES ({{}})"
+#: The events insert by DB-API placeholder style (SQLite's qmark; psycopg takes %s whatever its paramstyle).
+_INSERTS = {
+    "qmark": _INSERT_SQL.format(", ".join(["?"] * len(_INSERT_COLUMNS))),
+    "other": _INSERT_SQL.format(", ".join(["%s"] * len(_INSERT_COLUMNS))),
+}
+_insert_values = operator.itemgetter(*_INSERT_COLUMNS)
+#: The head and the database clock in one read (``database_clock`` says why each backend's clock).
+_HEAD_AND_CLOCK = {
+    "postgresql": "SELECT seq, hash, clock_timestamp() FROM events ORDER BY seq DESC LIMIT 1",
+    "sqlite": "SELECT seq, hash, strftime('%Y-%m-%d %H:%M:%f', 'now') FROM events ORDER BY seq DESC LIMIT 1",
+}
 
 
 def item_payload(row: Any) -> dict[str, Any]:
@@ -88,12 +102,39 @@ def json_default(obj: Any) -> Any:
     return str(obj)  # same fallback as the Ray transport (Item.to_row)
 
 
+def json_encoder(separators: tuple[str, str], sort_keys: bool) -> Callable[[Any], str]:
+    """``json.dumps(obj, separators=, sort_keys=, ensure_ascii=False, allow_nan=False, default=json_default)``:
+    the same text, without building a ``JSONEncoder`` (and its keyword checks) on every call, which costs as much
+    as encoding one of a record's small fields. Falls back to ``json.dumps`` where the C encoder is missing or
+    its signature differs (checked once, here)."""
+    item_sep, key_sep = separators
+    options = {"ensure_ascii": False, "allow_nan": False, "default": json_default}
+    reference = functools.partial(json.dumps, separators=separators, sort_keys=sort_keys, **options)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    encode_str = json.encoder.encode_basestring  # what json.dumps uses with ensure_ascii=False
+
+    def dumps(obj: Any) -> str:
+        if isinstance(obj, str):
+            return encode_str(obj)
+        # Exactly JSONEncoder.iterencode's one-shot C encoder, with a fresh circular-reference marker dict per call.
+        return "".join(make({}, json_default, encode_str, None, key_sep, item_sep, sort_keys, False, False)(obj, 0))
+
+    probe = {"b": [1, 2.5, None, True, 'é"\n'], "a": {"z": np.float32(0.25), "y": {3}}, "c": 10**20}
+    try:
+        if make is not None and dumps(probe) == reference(probe):
+            return dumps
+    except (TypeError, ValueError):
+        pass
+    return reference
+
+
+_canonical_dumps = json_encoder((",", ":"), sort_keys=True)
+
+
 def canonical_json(obj: Any) -> str:
     """The one serialisation that is hashed: sorted keys, no whitespace, floats by ``repr``, no NaN."""
     try:
-        return json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=json_default
-        )
+        return _canonical_dumps(obj)
     except ValueError:
         shown = json.dumps(obj, ensure_ascii=False, default=json_default)[:200]
         raise ValueError(f"NaN or Infinity in a JSON field of an audit record: {shown}") from None
@@ -110,6 +151,39 @@ def event_hash(row: Any) -> str:
     envelope["created_at"] = format_time(row["created_at"])
     envelope["v"] = HASH_VERSION
     return hashlib.sha256(canonical_json(envelope).encode("utf-8")).hexdigest()
+
+
+_encode_str = json.encoder.encode_basestring
+
+
+def _scalar_json(value: Any) -> str | None:
+    """A str, int or None exactly as ``canonical_json`` writes it; None for any other value."""
+    if value is None:
+        return "null"
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    return None
+
+
+#: ``canonical_json`` of the envelope (see the module docstring), keys in its sorted order, for the common case
+#: where every value is a str, int or None: created_at, then _ENVELOPE_FIELDS. tests/test_audit_chain.py checks it
+#: against ``event_hash``.
+_ENVELOPE_FIELDS = tuple(sorted(set(HASHED_COLUMNS) - {"created_at"}))
+_ENVELOPE = (
+    '{"created_at":%s,"item_id":%s,"job":%s,"kind":%s,"payload":%s,"prev_hash":%s,"reason_code":%s,'
+    '"reviewer_id":%s,"run_id":%s,"seq":%s,"supersedes":%s,"text":%s,"v":' + str(HASH_VERSION) + "}"
+)
+
+
+def _row_hash(row: dict[str, Any], stamp: str) -> str:
+    """``event_hash(row)``, with ``stamp`` = ``format_time(row["created_at"])`` computed once per append."""
+    parts = tuple(_scalar_json(row[name]) for name in _ENVELOPE_FIELDS)
+    if None in parts:  # a value canonical_json converts (a numpy int, say): the general path
+        return event_hash(row)
+    return hashlib.sha256((_ENVELOPE % (_encode_str(stamp), *parts)).encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -152,36 +226,78 @@ def chain_head(conn: Connection) -> tuple[int, str] | None:
     return (int(row.seq), row.hash) if row else None
 
 
-def append_events(conn: Connection, events: list[NewEvent]) -> list[int]:
-    """Append ``events`` in order, inside the caller's write transaction; returns their ``seq`` numbers."""
+def _head_and_clock(conn: Connection) -> tuple[int, str, datetime]:
+    """``chain_head`` (seq 0 and the genesis hash for an empty chain) and ``database_clock``, in one read."""
+    row = conn.exec_driver_sql(_HEAD_AND_CLOCK[conn.dialect.name]).first()
+    if row is None:
+        return 0, GENESIS_HASH, database_clock(conn)
+    seq, digest, now = row
+    if isinstance(now, str):  # SQLite's strftime text
+        now = datetime.fromisoformat(now).replace(tzinfo=UTC)
+    return int(seq), digest, now.astimezone(UTC)
+
+
+def append_events(conn: Connection, events: list[NewEvent], *, locked: bool = False) -> list[int]:
+    """Append ``events`` in order, inside the caller's write transaction; returns their ``seq`` numbers.
+
+    ``locked``: the caller already took the chain lock in this transaction (``AuditStore._write`` does), which
+    saves a round trip on PostgreSQL.
+    """
+    rows = [
+        (ev.kind, ev.job, ev.item_id, ev.run_id, ev.reviewer_id, ev.reason_code, ev.text, ev.supersedes,
+         ev.payload_text if ev.payload_text is not None else canonical_json(ev.payload))
+        for ev in events
+    ]  # fmt: skip
+    return append_rows(conn, rows, locked=locked)
+
+
+#: An event to append as (kind, job, item_id, run_id, reviewer_id, reason_code, text, supersedes, payload_text).
+EventTuple = tuple[str, str | None, str | None, int | None, int | None, str | None, str | None, int | None, str]
+
+
+def append_rows(
+    conn: Connection,
+    events: Iterable[EventTuple],
+    *,
+    locked: bool = False,
+) -> list[int]:
+    """``append_events`` for events given as ``EventTuple``s: no ``NewEvent`` per item on the hot path of
+    ``AuditStore.write_items``.
+
+    Straight to the DB-API ``executemany``: every value is already a plain str / int / None, and the timestamp
+    they share is bind-processed once; SQLAlchemy's per-row processing would cost more than the insert itself.
+    """
+    events = list(events)
     if not events:
         return []
-    lock_chain(conn)
-    seq, prev = chain_head(conn) or (0, GENESIS_HASH)
-    now = database_clock(conn)
-    rows = []
     for ev in events:
+        if ev[0] not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {ev[0]!r}")
+    if not locked:
+        lock_chain(conn)
+    seq, prev, now = _head_and_clock(conn)
+    stamp = format_time(now)
+    to_stored = _events.c.created_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    stored_now = to_stored(now) if to_stored else now
+    params = []
+    for kind, job, item_id, run_id, reviewer_id, reason_code, note, supersedes, payload in events:
         seq += 1
         row = {
             "seq": seq,
             "prev_hash": prev,
-            "kind": ev.kind,
-            "job": ev.job,
-            "item_id": ev.item_id,
-            "run_id": ev.run_id,
-            "reviewer_id": ev.reviewer_id,
-            "reason_code": ev.reason_code,
-            "text": ev.text,
-            "supersedes": ev.supersedes,
+            "kind": kind,
+            "job": job,
+            "item_id": item_id,
+            "run_id": run_id,
+            "reviewer_id": reviewer_id,
+            "reason_code": reason_code,
+            "text": note,
+            "supersedes": supersedes,
             "created_at": now,
-            "payload": ev.payload_text if ev.payload_text is not None else canonical_json(ev.payload),
+            "payload": payload,
         }
-        row["hash"] = prev = event_hash(row)
-        rows.append(row)
-    if conn.dialect.name == "postgresql":
-        # Straight to psycopg's executemany (pipelined): every value is already a plain str / int / None or an
-        # aware datetime, and SQLAlchemy's per-row processing would cost more than the insert itself.
-        conn.exec_driver_sql(_PG_INSERT, [tuple(r[c] for c in _INSERT_COLUMNS) for r in rows])
-    else:
-        conn.execute(insert(_events), rows)
-    return [r["seq"] for r in rows]
+        prev = row["hash"] = _row_hash(row, stamp)
+        row["created_at"] = stored_now
+        params.append(_insert_values(row))
+    conn.exec_driver_sql(_INSERTS["qmark" if conn.dialect.paramstyle == "qmark" else "other"], params)
+    return [p[0] for p in params]  # seq is the first of _INSERT_COLUMNS

@@ -12,8 +12,10 @@ process's life, and keep every write short: GPU actors never hold a session long
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -50,10 +52,11 @@ from pipeline.audit.chain import (
     RUN_STARTED,
     NewEvent,
     append_events,
+    append_rows,
     canonical_json,
     chain_head,
-    item_payload,
     json_default,
+    json_encoder,
     lock_chain,
     run_payload,
 )
@@ -123,11 +126,15 @@ def _engine_url(url: str) -> URL:
     return u
 
 
+#: ``json.dumps(obj, ensure_ascii=False, default=json_default, allow_nan=False)``, the text of every JSON column.
+_column_dumps = json_encoder((", ", ": "), sort_keys=False)
+
+
 def _json_dumps(obj: Any) -> str:
     # JSON has no NaN/Infinity: PostgreSQL rejects them and SQLite would store text no other tool reads,
     # so both backends refuse them alike (a scorer's NaN must become a reason, not a number).
     try:
-        return json.dumps(obj, ensure_ascii=False, default=json_default, allow_nan=False)
+        return _column_dumps(obj)
     except ValueError:
         shown = json.dumps(obj, ensure_ascii=False, default=json_default)[:200]
         raise ValueError(f"NaN or Infinity in a JSON field of an audit record: {shown}") from None
@@ -139,7 +146,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _item_to_row(item: Item, run_id: int | None) -> dict[str, Any]:
-    """The ``items`` row of ``item``, with every scalar as the Python type the database gives back."""
+    """The ``items`` row of ``item``, with every scalar as the Python type the database gives back: also the
+    payload of its ``item_recorded`` event (``chain.item_payload`` of the row is the same dict)."""
     row = {name: getattr(item, name) for name in ITEM_FIELDS}
     for name, kind in _COERCE.items():  # JSON fields are handled by the serializer
         value = row[name]
@@ -156,6 +164,48 @@ def _item_to_row(item: Item, run_id: int | None) -> dict[str, Any]:
             )
     row["run_id"] = run_id
     return row
+
+
+class _Prepared:
+    """A statement compiled once per store, run through the DB-API ``executemany`` (``exec_driver_sql``) with
+    each row's values already in their stored form: SQLAlchemy's per-row parameter processing and statement
+    caching cost more than the insert itself. Values of ``text_columns`` are passed as they are (the caller
+    serialised them); every other column's bind processor (e.g. SQLite's float coercion) is applied here."""
+
+    def __init__(self, stmt: Any, dialect: Any, keys: list[str], text_columns: tuple[str, ...] = ()) -> None:
+        compiled = stmt.compile(dialect=dialect, column_keys=keys)
+        self.sql = compiled.string
+        names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
+        self._processors = [
+            (name, proc)
+            for name in names
+            if name not in text_columns
+            and (proc := compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
+        # Positional drivers (SQLite: qmark) take tuples in bind order; named ones (psycopg: pyformat) the dict.
+        self._ordered: Callable[[dict[str, Any]], tuple] | None = None
+        if compiled.positional:
+            getter = operator.itemgetter(*names)
+            self._ordered = getter if len(names) > 1 else lambda values: (getter(values),)
+
+    def params(self, values: dict[str, Any]) -> Any:
+        """One row of ``executemany`` from ``values`` (every bind name; modified in place)."""
+        for name, proc in self._processors:
+            values[name] = proc(values[name])
+        return self._ordered(values) if self._ordered else values
+
+
+class _ItemStatements:
+    """``write_items``'s three statements for one store's dialect."""
+
+    def __init__(self, store: AuditStore) -> None:
+        dialect = store.engine.dialect
+        ins = store._insert(_items)
+        updated = {c.key: ins.excluded[c.key] for c in _items.c if c.key not in ("item_id", "created_at")}
+        upsert = ins.on_conflict_do_update(index_elements=[_items.c.item_id], set_={**updated, "updated_at": utcnow()})
+        self.upsert = _Prepared(upsert, dialect, [*ITEM_FIELDS, "run_id"], text_columns=_JSON_FIELDS)
+        new_jobs = store._insert(_jobs).on_conflict_do_nothing(index_elements=[_jobs.c.name])
+        self.new_jobs = _Prepared(new_jobs, dialect, ["name"])
 
 
 def _row_to_item(row: Any) -> Item:
@@ -378,34 +428,30 @@ class AuditStore:
         if not items:
             return
         by_id = {item.item_id: _item_to_row(item, run_id) for item in items}
-        # Sorted: concurrent writers of overlapping ids lock rows in the same order, so they cannot deadlock.
-        rows = [by_id[k] for k in sorted(by_id)]
-        jobs = [{"name": j} for j in sorted({r["job"] for r in rows})]
-
-        ins = self._insert(_items)
-        updated = {c.key: ins.excluded[c.key] for c in _items.c if c.key not in ("item_id", "created_at")}
-        upsert = ins.on_conflict_do_update(index_elements=[_items.c.item_id], set_={**updated, "updated_at": utcnow()})
-        new_jobs = self._insert(_jobs).on_conflict_do_nothing(index_elements=[_jobs.c.name])
-
-        # Serialised once, outside the transaction (a retry reuses them); NaN is refused here, before any I/O.
-        events = [
-            NewEvent(
-                ITEM_RECORDED,
-                None,
-                job=r["job"],
-                item_id=r["item_id"],
-                run_id=run_id,
-                payload_text=canonical_json(item_payload(r)),
-            )
-            for r in rows
-        ]
+        statements = self._item_statements
+        # Everything is serialised once, outside the transaction (a retry reuses it); NaN is refused here, before
+        # any I/O. Sorted: concurrent writers of overlapping ids lock rows in the same order, so cannot deadlock.
+        upserts, events = [], []
+        for item_id in sorted(by_id):
+            row = by_id[item_id]
+            values = row.copy()
+            for name in _JSON_FIELDS:
+                values[name] = _json_dumps(row[name])
+            upserts.append(statements.upsert.params(values))
+            # An EventTuple; the row is the event's payload as it is (its keys are item_payload's).
+            events.append((ITEM_RECORDED, row["job"], item_id, run_id, None, None, None, None, canonical_json(row)))
+        jobs = [statements.new_jobs.params({"name": j}) for j in sorted({ev[1] for ev in events})]
 
         def tx(conn: Connection) -> None:
-            conn.execute(new_jobs, jobs)
-            conn.execute(upsert, rows)  # executemany: one prepared statement, every row
-            append_events(conn, events)
+            conn.exec_driver_sql(statements.new_jobs.sql, jobs)
+            conn.exec_driver_sql(statements.upsert.sql, upserts)  # executemany: one prepared statement, every row
+            append_rows(conn, events, locked=True)  # _write took the chain lock
 
         self._write("write_items", tx)
+
+    @functools.cached_property
+    def _item_statements(self) -> _ItemStatements:
+        return _ItemStatements(self)
 
     def get_items(self, item_ids: list[str]) -> dict[str, Item]:
         """The stored records of ``item_ids`` by id; ids with no record are absent."""
