@@ -183,7 +183,12 @@ def select_records(filters: QueryFilters, dialect: str) -> Any:
         key = _score_value(filters.sort, dialect)
     key = key.desc() if filters.descending else key.asc()
     tiebreak = _items.c.item_id.desc() if filters.descending else _items.c.item_id.asc()
-    query = query.order_by(key.nulls_last(), tiebreak)
+    if filters.sort == "reviewed_at":
+        # Two reviews in the same clock tick (SQLite keeps milliseconds) are ordered as the log recorded them.
+        order = review.c.seq.desc() if filters.descending else review.c.seq.asc()
+        query = query.order_by(key.nulls_last(), order.nulls_last(), tiebreak)
+    else:
+        query = query.order_by(key.nulls_last(), tiebreak)
     if filters.limit is not None:
         query = query.limit(filters.limit)
     return query
