@@ -335,7 +335,13 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         outcome: Counter[str] = Counter()
         progress = Progress(0, stream=io.StringIO() if quiet else None, planning=True)
 
+        preload = spec.scoring.enabled and bool(spec.scoring.bias.attributes)
+
         def sink(items: list[Item]) -> None:
+            nonlocal preload
+            if preload:  # the bias report's plotting library, imported while the job generates (after the models
+                preload = False  # have loaded: imports hold the GIL, and a model load is mostly Python too)
+                preload_in_background()
             store.write_items(items, run_id)
             statuses = Counter(it.status for it in items)
             outcome.update(statuses)
@@ -343,8 +349,6 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
             progress.update(len(items), statuses["generated"])
 
         gen_start = time.monotonic()
-        if spec.scoring.enabled and spec.scoring.bias.attributes:
-            preload_in_background()  # the bias report's plotting library, imported while the job generates
         stages = build_stages(spec)
         planner = _Planner(spec, family, store, storage, run_id, progress)
         if spec.executor == "local":

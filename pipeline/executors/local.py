@@ -50,6 +50,7 @@ class _Pipeline:
         self._stop = threading.Event()
         self._started = threading.Event()  # set at the first batch, or at the end of an empty stream
         self._empty = True
+        self._ready = [threading.Event() for _ in stages]  # stage i has set up
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._queues = [queue.Queue(QUEUE_DEPTH) for _ in range(len(stages) + 1)]
@@ -110,13 +111,14 @@ class _Pipeline:
     def _work(self, stage: Stage, i: int) -> None:
         inbox, outbox = self._queues[i], self._queues[i + 1]
         try:
-            # Set up in the stage's own thread, once there is work (a rerun with nothing left loads no model):
-            # the stages' model loads overlap each other and the first batch.
-            while not self._started.wait(_POLL_S):
-                if self._stop.is_set():
-                    return
+            # Set up in the stage's own thread once there is work (a rerun with nothing left loads no model), after
+            # the stage before it: the generator loads alone and starts at once, and the next stage's load overlaps
+            # its first batches instead of competing with its load (model loading is mostly Python, under the GIL).
+            if not self._wait(self._started) or (i and not self._wait(self._ready[i - 1])):
+                return
             if not self._empty:
                 stage.setup()
+            self._ready[i].set()
             while True:
                 got = self._get(inbox)
                 if got is _DONE:
@@ -128,6 +130,12 @@ class _Pipeline:
             self._fail(exc)
 
     # --- stopping ---------------------------------------------------------------------------------------------
+    def _wait(self, event: threading.Event) -> bool:
+        while not event.wait(_POLL_S):
+            if self._stop.is_set():
+                return False
+        return True
+
     def _put(self, q: queue.Queue, value) -> bool:
         while not self._stop.is_set():
             try:

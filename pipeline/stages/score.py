@@ -98,8 +98,11 @@ class Scorer(Stage):
 
         use_cuda = torch.cuda.is_available() and self.resources.num_gpus > 0
         self.device = "cuda" if use_cuda else "cpu"
-        threads = max(1, int(self.resources.num_cpus)) if _in_ray_actor() else None
-        if threads and not use_cuda:
+        # As many threads as the declared CPUs (at least one) for the ONNX sessions, in every executor: in the local
+        # executor the scorer runs beside the generator, and a session sized to the whole machine would take the
+        # generator's core. torch's pool is process-wide, so it is only set inside a Ray actor (the process is ours).
+        threads = max(1, int(self.resources.num_cpus))
+        if _in_ray_actor() and not use_cuda:
             torch.set_num_threads(threads)
         self.load_errors: dict[str, str] = {}
         self.versions: dict[str, str] = {"policy": POLICY_VERSION}
