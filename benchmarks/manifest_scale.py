@@ -8,6 +8,8 @@ VmHWM from inside):
                check — what ``genpipe validate`` does, without printing (the dry run)
   dry_screen   dry + the prompt screen (blocklist) that planning applies
   validate_cli ``genpipe validate SPEC`` itself, as a user runs it (prints every bad row)
+  run_dry_cli  ``genpipe run SPEC --dry-run`` itself: the planner (validate, expand, dedupe, screen, resume
+               lookups) with nothing written — the product's own dry run
   plan         the real planner (``pipeline.runner._Planner``): resume lookups against an empty SQLite audit
                DB, rejected rows recorded, the prompt screen, every pending item written to plan shards — all
                of run_job's planning, without generation
@@ -43,8 +45,8 @@ from benchmarks.common import (
     write_text,
 )
 
-MODES = ("dry", "dry_screen", "validate_cli", "plan_noscreen", "plan")
-DEFAULT_MODES = ("dry", "validate_cli", "plan_noscreen", "plan")
+MODES = ("dry", "dry_screen", "validate_cli", "run_dry_cli", "plan_noscreen", "plan")
+DEFAULT_MODES = ("dry", "validate_cli", "run_dry_cli", "plan_noscreen", "plan")
 GOAL_MB = 1024
 BAD_EVERY = 1000  # three kinds of bad row per thousand: empty prompt, duplicate id, absurd steps
 
@@ -147,6 +149,27 @@ def child(mode: str, manifest: str, workdir: str, breakdown: bool) -> dict[str, 
                     samples.append((rows, rss_mb()))
         elapsed = time.perf_counter() - t0
         extra = {"items": items, "rows_rejected": rejected, "blocked": blocked}
+    elif mode == "run_dry_cli":
+        import contextlib
+
+        import yaml
+
+        from pipeline.cli import main as cli_main
+
+        spec_path = os.path.join(workdir, "spec.yaml")
+        with open(spec_path, "w") as f:
+            yaml.safe_dump(spec_dict(manifest, workdir), f)
+        baseline = rss_mb()
+        samples = []
+        t0 = time.perf_counter()
+        out_path = os.path.join(workdir, "dry_run.out")
+        with hooks.installed() if hooks else _null(), open(out_path, "w") as out, contextlib.redirect_stdout(out):
+            code = cli_main(["run", spec_path, "--dry-run"])
+        elapsed = time.perf_counter() - t0
+        with open(out_path) as f:
+            text = f.read()
+        rows = int(text.split("manifest rows: ")[1].split(" ")[0]) if "manifest rows: " in text else 0
+        extra = {"exit_code": code, "summary": text.strip().splitlines()}
     elif mode == "validate_cli":
         import contextlib
 
