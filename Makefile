@@ -41,7 +41,7 @@ BENCH_ENV  := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 bench: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.throughput --repeat 3 --json $(BENCH_JSON) --md benchmarks/results-throughput.md
-	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 20000 --modes dry,validate_cli,plan_noscreen,plan \
+	$(BENCH_ENV) $(PY) -m benchmarks.manifest_scale --rows 20000 --modes dry,validate_cli,run_dry_cli,plan_noscreen,plan \
 		--json $(BENCH_JSON) --md benchmarks/results-manifest.md
 	$(BENCH_ENV) $(PY) -m benchmarks.audit_writes --verify --json $(BENCH_JSON) --md benchmarks/results-audit.md
 

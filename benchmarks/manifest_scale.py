@@ -149,53 +149,29 @@ def child(mode: str, manifest: str, workdir: str, breakdown: bool) -> dict[str, 
                     samples.append((rows, rss_mb()))
         elapsed = time.perf_counter() - t0
         extra = {"items": items, "rows_rejected": rejected, "blocked": blocked}
-    elif mode == "run_dry_cli":
-        import contextlib
-
-        import yaml
-
-        from pipeline.cli import main as cli_main
-
-        spec_path = os.path.join(workdir, "spec.yaml")
-        with open(spec_path, "w") as f:
-            yaml.safe_dump(spec_dict(manifest, workdir), f)
-        baseline = rss_mb()
-        samples = []
-        t0 = time.perf_counter()
-        out_path = os.path.join(workdir, "dry_run.out")
-        with hooks.installed() if hooks else _null(), open(out_path, "w") as out, contextlib.redirect_stdout(out):
-            code = cli_main(["run", spec_path, "--dry-run"])
-        elapsed = time.perf_counter() - t0
-        with open(out_path) as f:
-            text = f.read()
-        rows = int(text.split("manifest rows: ")[1].split(" ")[0]) if "manifest rows: " in text else 0
-        extra = {"exit_code": code, "summary": text.strip().splitlines()}
-    elif mode == "validate_cli":
-        import contextlib
-
-        import yaml
-
+    elif mode in ("run_dry_cli", "validate_cli"):
         t_imp = time.perf_counter()
-        import pipeline.runner  # noqa: F401  (what `genpipe validate` imports; timed apart from the rows)
+        import pipeline.runner  # noqa: F401  (what the CLI imports; timed apart from the rows)
         from pipeline.cli import main as cli_main
 
         import_s = time.perf_counter() - t_imp
-        spec_path = os.path.join(workdir, "spec.yaml")
-        with open(spec_path, "w") as f:
-            yaml.safe_dump(spec_dict(manifest, workdir), f)
+        args = ["run", "--dry-run"] if mode == "run_dry_cli" else ["validate"]
         baseline = rss_mb()
         samples = []
         t0 = time.perf_counter()
-        out_path = os.path.join(workdir, "validate.out")
-        with open(out_path, "w") as out, contextlib.redirect_stdout(out):
-            code = cli_main(["validate", spec_path])
+        with hooks.installed() if hooks else _null():
+            code, lines = _cli(cli_main, args, manifest, workdir)
         elapsed = time.perf_counter() - t0
-        with open(out_path) as f:
-            lines = f.read().splitlines()
-        summary = lines[-1] if lines else ""
-        rows = int(summary.split(": ")[-1].split(" rows")[0]) if " rows" in summary else 0
-        extra = {"exit_code": code, "bad_row_lines": sum(1 for line in lines if line.startswith("row ")),
-                 "summary_line": summary, "import_s": round(import_s, 2)}  # fmt: skip
+        extra = {"exit_code": code, "import_s": round(import_s, 2)}
+        if mode == "run_dry_cli":
+            text = "\n".join(lines)
+            rows = int(text.split("manifest rows: ")[1].split(" ")[0]) if "manifest rows: " in text else 0
+            extra["summary"] = lines
+        else:
+            summary = lines[-1] if lines else ""
+            rows = int(summary.split(": ")[-1].split(" rows")[0]) if " rows" in summary else 0
+            extra["bad_row_lines"] = sum(1 for line in lines if line.startswith("row "))
+            extra["summary_line"] = summary
     elif mode in ("plan", "plan_noscreen"):
         from pipeline.audit import AuditStore
         from pipeline.runner import PLAN_PREFIX, _Planner, check_spec, job_root
@@ -236,6 +212,22 @@ def child(mode: str, manifest: str, workdir: str, breakdown: bool) -> dict[str, 
     if hooks:
         result["breakdown"] = hooks.table()
     return result
+
+
+def _cli(cli_main: Any, args: list[str], manifest: str, workdir: str) -> tuple[int, list[str]]:
+    """``genpipe ARGS[0] SPEC ARGS[1:]`` on a spec for ``manifest``, as a user runs it; (exit code, stdout lines)."""
+    import contextlib
+
+    import yaml
+
+    spec_path = os.path.join(workdir, "spec.yaml")
+    with open(spec_path, "w") as f:
+        yaml.safe_dump(spec_dict(manifest, workdir), f)
+    out_path = os.path.join(workdir, f"{args[0]}.out")
+    with open(out_path, "w") as out, contextlib.redirect_stdout(out):
+        code = cli_main([args[0], spec_path, *args[1:]])
+    with open(out_path) as f:
+        return code, f.read().splitlines()
 
 
 class _null:
