@@ -351,14 +351,8 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         gen_start = time.monotonic()
         stages = build_stages(spec)
         planner = _Planner(spec, family, store, storage, run_id, progress)
-        if spec.executor == "local":
-            # Plan and generate at once: the first image need not wait for the last manifest row.
-            _execute(spec, stages, storage, _planned_shards(planner), sink)
-        else:
-            # Ray Data's dataset is fixed when it starts, so the plan is complete first.
-            planner.run()
-            if planner.shards:
-                _execute(spec, stages, storage, planner.shards, sink)
+        with _PlanningThread(planner) as planning:  # plan while execution starts
+            _execute(spec, stages, storage, planning.keys(), sink)
         progress.planning = False
         _plan_counts(summary, planner)
         summary.regenerated_now = _regenerate_flagged(spec, stages, store, storage, planner, sink, progress)
@@ -465,42 +459,49 @@ def _write_summary(storage: Storage, summary: RunSummary) -> None:
         print(f"genpipe: warning: could not write the run summary: {exc}", file=sys.stderr)
 
 
-def _planned_shards(planner: _Planner) -> Iterator[str]:
-    """Run ``planner`` in a thread and yield each shard key as soon as it is written; the planner's error, if
-    any, is raised here once the shards before it are consumed. Planning runs ahead of generation (shards are
-    on storage, only their keys queue up), and it is stopped at the next shard if the consumer goes away."""
-    keys: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    failure: list[BaseException] = []
+class _PlanningThread:
+    """Runs the planner in a thread while execution starts: ``keys()`` yields each shard key as soon as it is
+    written, and raises the planner's error after the shards before it. The local executor generates from the
+    first shard on; the Ray executor starts Ray and checks the cluster meanwhile (Ray Data needs its whole input
+    list when it starts). Leaving the ``with`` block stops planning at the next shard and waits for the thread."""
 
-    def put(key: str) -> None:
-        if stop.is_set():
+    def __init__(self, planner: _Planner) -> None:
+        self.planner = planner
+        self._keys: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._plan, name="genpipe-planner", daemon=True)
+
+    def __enter__(self) -> _PlanningThread:
+        self.planner.on_shard = self._put
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.planner.on_shard = None
+
+    def keys(self) -> Iterator[str]:
+        while (key := self._keys.get()) is not None:
+            yield key
+        if self._failure is not None:
+            raise self._failure
+
+    def _put(self, key: str) -> None:
+        if self._stop.is_set():
             raise _PlanningStopped
-        keys.put(key)
+        self._keys.put(key)
 
-    planner.on_shard = put
-
-    def plan() -> None:
+    def _plan(self) -> None:
         try:
-            planner.run()
+            self.planner.run()
         except _PlanningStopped:
             pass
         except BaseException as exc:
-            failure.append(exc)
+            self._failure = exc
         finally:
-            keys.put(None)
-
-    thread = threading.Thread(target=plan, name="genpipe-planner", daemon=True)
-    thread.start()
-    try:
-        while (key := keys.get()) is not None:
-            yield key
-        if failure:
-            raise failure[0]
-    finally:
-        stop.set()
-        thread.join()
-        planner.on_shard = None
+            self._keys.put(None)
 
 
 class _PlanningStopped(Exception):
@@ -508,6 +509,9 @@ class _PlanningStopped(Exception):
 
 
 def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: Iterable[str], sink) -> None:
+    """Run the stages over ``shards``, which may still be being planned: the local executor starts on the first
+    shard; the Ray executor starts Ray and checks the cluster once there is a first shard, then takes the
+    complete list."""
     if spec.executor == "local":
         from pipeline.executors.local import run_local
 
@@ -515,9 +519,13 @@ def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: Itera
         return
     from pipeline.executors.ray_data import init_ray, run_ray
 
+    keys = iter(shards)
+    first = next(keys, None)  # nothing to generate (a finished job's rerun): no Ray at all
+    if first is None:
+        return
     init_ray()
     _precheck_cluster(spec)
-    batches = [(key, i) for key in shards for i in range(shard_batches(storage, key))]  # a list: planned in full
+    batches = [(key, i) for key in (first, *keys) for i in range(shard_batches(storage, key))]  # the whole plan
     run_ray(stages, batches, storage, spec.resources.batch_size, sink)
 
 

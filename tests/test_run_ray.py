@@ -75,3 +75,56 @@ def test_demo_job_from_the_cli_and_its_rerun(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "this run: generated 0, failed 0, skipped 26 already done" in second.stdout, second.stdout
     check_invariants(spec.database_url(), str(out / spec.name), spec.name, 31)
+
+
+def test_ray_starts_while_the_plan_is_still_being_written(ray_local, make_spec, tmp_path, monkeypatch):
+    """Ray Data needs the whole plan, but Ray's start and the cluster check need not wait for it: the planner
+    only writes its last shard once the executor has started Ray (else this waits, and fails)."""
+    import threading
+
+    from pipeline import runner
+    from pipeline.executors import ray_data
+
+    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
+    started = threading.Event()
+    waited: list[bool] = []
+    original_init, original_flush = ray_data.init_ray, runner._Planner._flush_shard
+
+    def init_ray(*args, **kwargs):
+        original_init(*args, **kwargs)
+        started.set()
+
+    def flush_shard(self):
+        if len(self.shards) == 2 and self._pending:  # the third and last shard
+            waited.append(started.wait(timeout=60))
+        original_flush(self)
+
+    monkeypatch.setattr(ray_data, "init_ray", init_ray)
+    monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
+    db = f"sqlite:///{tmp_path}/audit.db"
+    path = make_spec(ROWS[:10], executor="ray", database=db, resources={"cpus_per_actor": 0.5, "batch_size": 2})
+    summary = run_job(load_spec(path), quiet=True)
+    assert waited == [True] and summary.counts == {"generated": 10}
+    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 10)
+
+
+def test_a_planning_error_ends_the_ray_run_and_is_raised(ray_local, make_spec, tmp_path, monkeypatch):
+    from pipeline import runner
+
+    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
+    original_flush = runner._Planner._flush_shard
+
+    def flush_shard(self):
+        if len(self.shards) == 1 and self._pending:
+            raise OSError("plan storage is full")
+        original_flush(self)
+
+    monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
+    db = f"sqlite:///{tmp_path}/audit.db"
+    path = make_spec(ROWS[:10], executor="ray", database=db, resources={"cpus_per_actor": 0.5, "batch_size": 2})
+    with pytest.raises(OSError, match="plan storage is full"):
+        run_job(load_spec(path), quiet=True)
+    store = AuditStore(db)
+    # Ray runs only a complete plan: nothing was generated, and the run is recorded as failed.
+    assert store.counts("test-job").get("generated", 0) == 0 and store.runs("test-job")[-1]["status"] == "failed"
+    store.dispose()
