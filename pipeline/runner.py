@@ -176,6 +176,8 @@ class _Planner:
                 self._flush_chunk()
         self._flush_chunk()
         self._flush_shard()
+        if self.progress is not None:
+            self.progress.planning = False  # the total is final from here on
 
     def _flush_chunk(self) -> None:
         if not self._chunk:
@@ -353,7 +355,6 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         planner = _Planner(spec, family, store, storage, run_id, progress)
         with _PlanningThread(planner) as planning:  # plan while execution starts
             _execute(spec, stages, storage, planning.keys(), sink)
-        progress.planning = False
         _plan_counts(summary, planner)
         summary.regenerated_now = _regenerate_flagged(spec, stages, store, storage, planner, sink, progress)
         gen_elapsed = time.monotonic() - gen_start
