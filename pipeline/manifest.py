@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -78,14 +80,66 @@ class RowOutcome:
     problems: list[str] = field(default_factory=list)
 
 
+class SeenIds:
+    """A map of string → first row number in ~30 bytes an entry (a dict of the strings takes ~120). Each id is
+    kept as its 128-bit BLAKE2b digest: two int64 halves and the row number in NumPy arrays sorted by the first
+    half, with a small dict in front for the newest ids, merged in once it holds an eighth as many (each merge is
+    one linear insert, so memory stays near the arrays' own). Two distinct ids share a digest with probability
+    ~n²/2¹²⁹, the same trust as the 128-bit item ids themselves."""
+
+    MIN_MERGE = 65_536
+
+    def __init__(self) -> None:
+        self._hi = np.zeros(0, np.int64)
+        self._lo = np.zeros(0, np.int64)
+        self._row = np.zeros(0, np.int64)
+        self._recent: dict[bytes, int] = {}  # digest → row
+
+    def __len__(self) -> int:
+        return len(self._row) + len(self._recent)
+
+    def setdefault(self, key: str, row: int) -> int:
+        """The row ``key`` was first seen at; records ``row`` for it when it is new."""
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        found = self._recent.get(digest)
+        if found is not None:
+            return found
+        if len(self._hi):
+            hi = int.from_bytes(digest[:8], "little", signed=True)
+            i, n = int(self._hi.searchsorted(hi)), len(self._hi)
+            if i < n and self._hi[i] == hi:  # a run of equal first halves: ~never longer than one
+                lo = int.from_bytes(digest[8:], "little", signed=True)
+                while i < n and self._hi[i] == hi:
+                    if self._lo[i] == lo:
+                        return int(self._row[i])
+                    i += 1
+        self._recent[digest] = row
+        if len(self._recent) >= max(self.MIN_MERGE, len(self._row) // 8):
+            self._merge()
+        return row
+
+    def _merge(self) -> None:
+        halves = np.frombuffer(b"".join(self._recent), dtype="<i8").reshape(-1, 2)
+        rows = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+        order = np.argsort(halves[:, 0], kind="stable")
+        hi, lo, rows = halves[order, 0], halves[order, 1], rows[order]
+        at = self._hi.searchsorted(hi)
+        self._hi, self._lo, self._row = (
+            np.insert(self._hi, at, hi),
+            np.insert(self._lo, at, lo),
+            np.insert(self._row, at, rows),
+        )
+        self._recent = {}
+
+
 class ManifestPlanner:
     """Validates rows, rejects duplicates, expands rows into items with ids and seeds."""
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
-        # prompt_id → row number of its first occurrence. A set of ids is the one thing that grows with the
-        # manifest (about 100 bytes a row); everything else streams.
-        self._first_seen: dict[str, int] = {}
+        # prompt_id → row number of its first occurrence: the one thing that grows with the manifest (~24 bytes
+        # a row); everything else streams.
+        self._first_seen = SeenIds()
 
     def plan_row(self, row_number: int, raw: dict[str, Any]) -> RowOutcome:
         parsed = parse_row(raw, self.spec.row_overrides)
@@ -93,12 +147,11 @@ class ManifestPlanner:
         shown_id = raw_id if isinstance(raw_id, str) else repr(raw_id)
         if isinstance(parsed, list):
             return self._reject(row_number, raw, shown_id, parsed)
-        first = self._first_seen.get(parsed.prompt_id)
-        if first is not None:
+        first = self._first_seen.setdefault(parsed.prompt_id, row_number)
+        if first != row_number:
             return self._reject(
                 row_number, raw, shown_id, [f"prompt_id: duplicate of row {first} (prompt_id {parsed.prompt_id!r})"]
             )
-        self._first_seen[parsed.prompt_id] = row_number
         return RowOutcome(row_number, parsed.prompt_id, self._expand(row_number, parsed))
 
     def _expand(self, row_number: int, row: ManifestRow) -> list[Item]:

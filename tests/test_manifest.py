@@ -167,3 +167,30 @@ def test_plan_manifest_on_wrongly_typed_column(tmp_path):
                                                                           "seed": "7"}])  # fmt: skip
     outcomes = list(plan_manifest(_spec(manifest=path)))
     assert all(o.problems and o.problems[0].startswith("seed:") for o in outcomes)
+
+
+def test_seen_ids_agree_with_a_dict_across_merges(monkeypatch):
+    import random
+
+    from pipeline.manifest import SeenIds
+
+    monkeypatch.setattr(SeenIds, "MIN_MERGE", 16)  # merge often: most lookups go through the sorted arrays
+    rng = random.Random(3)
+    ids = [f"sku-{rng.randrange(3000)}" for _ in range(5000)] + ["", "é", "a" * 128, "\U0001f600"]
+    seen, reference = SeenIds(), {}
+    for row, key in enumerate(ids, start=1):
+        assert seen.setdefault(key, row) == reference.setdefault(key, row), key
+    assert len(seen) == len(reference) and len(seen._row) > len(seen._recent)  # most of them merged
+
+
+def test_duplicate_prompt_id_names_the_first_row_after_many_rows(monkeypatch):
+    from pipeline.manifest import ManifestPlanner, SeenIds
+    from schemas.spec import JobSpec
+
+    monkeypatch.setattr(SeenIds, "MIN_MERGE", 8)
+    spec = JobSpec.model_validate({"name": "j", "manifest": "m.parquet", "output": "/tmp/o"})
+    planner = ManifestPlanner(spec)
+    for row in range(1, 101):
+        assert not planner.plan_row(row, {"prompt_id": f"p{row}", "prompt": "a mug"}).problems
+    outcome = planner.plan_row(101, {"prompt_id": "p7", "prompt": "again"})
+    assert outcome.problems == ["prompt_id: duplicate of row 7 (prompt_id 'p7')"]
