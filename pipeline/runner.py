@@ -150,6 +150,7 @@ class _Planner:
         self.dry_run = dry_run
         self.progress = progress
         self.on_shard: Callable[[str], None] | None = None  # told each key as it is written (streamed execution)
+        self.stop = threading.Event()  # set from another thread: planning ends at the next row
         self.summary_counts: Counter[str] = Counter()
         self.shards: list[str] = []
         self._pending: list[Item] = []
@@ -159,6 +160,8 @@ class _Planner:
     def run(self) -> None:
         planner = ManifestPlanner(self.spec)
         for row_number, raw in read_rows(self.spec.manifest):
+            if self.stop.is_set():
+                raise _PlanningStopped
             outcome = planner.plan_row(row_number, raw)
             self.summary_counts["rows"] += 1
             if outcome.problems:
@@ -464,12 +467,11 @@ class _PlanningThread:
     """Runs the planner in a thread while execution starts: ``keys()`` yields each shard key as soon as it is
     written, and raises the planner's error after the shards before it. The local executor generates from the
     first shard on; the Ray executor starts Ray and checks the cluster meanwhile (Ray Data needs its whole input
-    list when it starts). Leaving the ``with`` block stops planning at the next shard and waits for the thread."""
+    list when it starts). Leaving the ``with`` block stops planning at the next row and waits for the thread."""
 
     def __init__(self, planner: _Planner) -> None:
         self.planner = planner
         self._keys: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._plan, name="genpipe-planner", daemon=True)
 
@@ -479,7 +481,7 @@ class _PlanningThread:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._stop.set()
+        self.planner.stop.set()
         self._thread.join()
         self.planner.on_shard = None
 
@@ -490,7 +492,7 @@ class _PlanningThread:
             raise self._failure
 
     def _put(self, key: str) -> None:
-        if self._stop.is_set():
+        if self.planner.stop.is_set():
             raise _PlanningStopped
         self._keys.put(key)
 

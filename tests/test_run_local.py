@@ -186,3 +186,36 @@ def test_a_planning_error_mid_manifest_stops_the_run_and_is_raised(make_spec, tm
     monkeypatch.setattr(runner._Planner, "_flush_shard", original_flush)
     rerun = run_job(load_spec(make_spec(STREAM_ROWS, database=_db(tmp_path))), quiet=True)
     assert rerun.status == "succeeded" and rerun.counts == {"generated": 12}
+
+
+def test_an_execution_error_stops_the_planner_at_the_next_row(make_spec, tmp_path, monkeypatch):
+    import time
+
+    from pipeline import runner
+    from pipeline.manifest import ManifestPlanner
+
+    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
+    original_plan_row, original_write = ManifestPlanner.plan_row, AuditStore.write_items
+
+    def slow_plan_row(self, row_number, raw):
+        time.sleep(0.002)  # 3,000 rows: 6 s of planning
+        return original_plan_row(self, row_number, raw)
+
+    def failing_write(self, items, run_id):
+        if any(it.status == "generated" for it in items):
+            raise RuntimeError("database went away")
+        return original_write(self, items, run_id)
+
+    monkeypatch.setattr(ManifestPlanner, "plan_row", slow_plan_row)
+    monkeypatch.setattr(AuditStore, "write_items", failing_write)
+    # After two shards every row is bad: no shard is written again, so only a per-row check can stop the planner.
+    rows = [{"prompt_id": f"p{i}", "prompt": f"a mug, colour {i}" if i < 8 else "  "} for i in range(3000)]
+    with pytest.raises(RuntimeError, match="database went away"):
+        run_job(load_spec(make_spec(rows, database=_db(tmp_path))), quiet=True)
+    monkeypatch.setattr(AuditStore, "write_items", original_write)
+    store = AuditStore(_db(tmp_path))
+    try:
+        (run,) = store.runs("test-job")
+        assert run["status"] == "failed" and 4 <= run["summary"]["rows"] < 3000  # stopped, not planned to the end
+    finally:
+        store.dispose()

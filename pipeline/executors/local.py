@@ -43,8 +43,8 @@ def run_local(
 
 class _Pipeline:
     """Threads and queues: source → stage 1 → … → stage n → ``results()``. The first error anywhere stops
-    every thread and is raised in the caller; leaving the ``with`` block (normally or not) waits for the threads,
-    so nothing is still writing images once ``run_local`` has returned or raised."""
+    every thread and is raised in the caller; leaving the ``with`` block (normally or not) waits for the stage
+    threads, so nothing is still writing images once ``run_local`` has returned or raised."""
 
     def __init__(self, stages: list[Stage], batches: Iterable[list[Item]]) -> None:
         self._stop = threading.Event()
@@ -67,8 +67,12 @@ class _Pipeline:
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
-        for t in self._threads:
+        # The stage threads are waited for: none may still be writing once we return. The source thread only
+        # reads, and may be blocked inside ``batches`` (waiting for the planner's next shard): it gets a moment,
+        # else it ends by itself at its next step, once its owner has stopped the planner.
+        for t in self._threads[1:]:
             t.join()
+        self._threads[0].join(timeout=3 * _POLL_S)
 
     def results(self) -> Iterator[list[Item]]:
         """Finished batches in order, each step with every batch already waiting (up to ``SINK_MAX_ITEMS``
