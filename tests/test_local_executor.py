@@ -103,9 +103,18 @@ def test_a_stage_error_fails_that_batch_and_the_run_goes_on():
 
 
 @pytest.mark.timeout(30)
-def test_a_stage_that_drops_items_stops_the_run_with_its_error():
+def test_a_stage_that_drops_items_stops_the_run_with_its_error_after_the_batches_before_it():
+    class DropsThird(Stage):
+        name = "dropper"
+
+        def process(self, items):
+            return items[1:] if items[0].item_id == "id-004" else items
+
+    out: list[Item] = []
     with pytest.raises(RuntimeError, match="stage 'dropper' returned 1 items for 2"):
-        run_local([Tag("a"), Dropper(), Tag("c")], _items(8, 2), lambda items: None)
+        run_local([Tag("a", sleep_s=0.02), DropsThird(), Tag("c", sleep_s=0.05)], _items(12, 2), out.extend)
+    assert [it.item_id for it in out] == ["id-000", "id-001", "id-002", "id-003"]  # finished and sunk
+    assert all(it.metadata["seen"] == ["a", "c"] for it in out)
 
 
 @pytest.mark.timeout(30)
@@ -130,7 +139,12 @@ def test_a_sink_error_stops_every_thread_before_it_is_raised():
 
     with pytest.raises(RuntimeError, match="database is gone"):
         run_local([gen, Tag("write")], _items(200, 2), sink)
-    assert threading.active_count() == before  # no stage thread left running
+    # No stage thread is left (they are joined); the reading source thread ends at its next step.
+    assert not [t for t in threading.enumerate() if t.name in ("genpipe-gen", "genpipe-write")]
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
     # It stopped early: a few batches ran ahead into the queues, not the whole stream.
     assert len(gen.busy) < 20
 
@@ -144,6 +158,35 @@ def test_a_failing_batch_source_is_raised():
     out: list[Item] = []
     with pytest.raises(ValueError, match="shard is corrupt"):
         run_local([Tag("a")], batches(), out.extend)
+    assert [it.item_id for it in out] == ["id-000", "id-001"]
+
+
+@pytest.mark.timeout(30)
+def test_batches_before_a_source_error_are_all_finished_and_sunk():
+    """The source fails while slow stages still hold earlier batches: every one of them reaches the sink."""
+    batches = _items(24, 2)
+
+    def source():
+        yield from batches
+        raise OSError("planner failed")
+
+    out: list[Item] = []
+    stages = [Tag("gen", sleep_s=0.05), Tag("score", sleep_s=0.05), Tag("write", sleep_s=0.05)]
+    with pytest.raises(OSError, match="planner failed"):
+        run_local(stages, source(), out.extend)
+    assert [it.item_id for it in out] == [f"id-{i:03d}" for i in range(24)]
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_setup_downstream_skips_the_stages_after_it():
+    class Broken(Tag):
+        def setup(self):
+            raise OSError("scorer weights missing")
+
+    after = Tag("write")
+    with pytest.raises(OSError, match="scorer weights missing"):
+        run_local([Tag("gen"), Broken("score"), after], _items(6, 2), lambda items: None)
+    assert after.setup_thread is None and after.busy == []  # nothing reached the writer
 
 
 def test_no_batches_means_no_stage_is_set_up():

@@ -180,9 +180,11 @@ def test_a_planning_error_mid_manifest_stops_the_run_and_is_raised(make_spec, tm
     try:
         (run,) = store.runs("test-job")
         assert run["status"] == "failed" and run["summary"]["rows"] >= 8
-        assert store.counts("test-job").get("generated", 0) <= 4  # only the first shard could have run
+        # The first shard, planned before the error, was generated and recorded in full; nothing else ran.
+        assert store.counts("test-job") == {"generated": 4} and run["summary"]["generated_now"] == 4
     finally:
         store.dispose()
+    assert len(_images(tmp_path / "out" / "test-job")) == 4  # every image written has its record
     monkeypatch.setattr(runner._Planner, "_flush_shard", original_flush)
     rerun = run_job(load_spec(make_spec(STREAM_ROWS, database=_db(tmp_path))), quiet=True)
     assert rerun.status == "succeeded" and rerun.counts == {"generated": 12}

@@ -41,18 +41,30 @@ def run_local(
             sink(items)
 
 
+class _Failure:
+    """An error, travelling down the queues behind the batches that came before it."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 class _Pipeline:
-    """Threads and queues: source → stage 1 → … → stage n → ``results()``. The first error anywhere stops
-    every thread and is raised in the caller; leaving the ``with`` block (normally or not) waits for the stage
-    threads, so nothing is still writing images once ``run_local`` has returned or raised."""
+    """Threads and queues: source → stage 1 → … → stage n → ``results()``.
+
+    An error of the source or of a stage travels down the queues behind the batches before it, so those are
+    still finished and sunk (their images may already be written: they get their records), then it is raised
+    in the caller; the source stops feeding and the stages upstream of the failure drop what they hold (no image
+    of theirs was written yet). Leaving the ``with`` block (normally, or because the sink raised) stops every
+    thread and waits for the stage threads, so nothing is still writing images once ``run_local`` has returned.
+    """
 
     def __init__(self, stages: list[Stage], batches: Iterable[list[Item]]) -> None:
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the caller has gone: every thread ends at once
+        self._halt = threading.Event()  # a stage failed: the source stops feeding
         self._started = threading.Event()  # set at the first batch, or at the end of an empty stream
         self._empty = True
-        self._ready = [threading.Event() for _ in stages]  # stage i has set up
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
+        self._ready = [threading.Event() for _ in stages]  # stage i has set up (or failed to)
+        self._setup_failed = False
         self._queues = [queue.Queue(QUEUE_DEPTH) for _ in range(len(stages) + 1)]
         self._threads = [threading.Thread(target=self._feed, args=(iter(batches),), name="genpipe-source", daemon=True)]
         for i, stage in enumerate(stages):
@@ -76,12 +88,12 @@ class _Pipeline:
 
     def results(self) -> Iterator[list[Item]]:
         """Finished batches in order, each step with every batch already waiting (up to ``SINK_MAX_ITEMS``
-        items): never waits for more. The run's first error is raised after the batches before it."""
+        items): never waits for more. An error is raised after the batches before it."""
         last = self._queues[-1]
         got = self._get(last)
-        while got is not _DONE:
+        while got is not _DONE and not isinstance(got, _Failure):
             batch = list(got)
-            while (got := self._next_waiting(last)) is not None and got is not _DONE:
+            while (got := self._next_waiting(last)) is not None and got is not _DONE and not isinstance(got, _Failure):
                 batch.extend(got)
                 if len(batch) >= SINK_MAX_ITEMS:
                     got = None
@@ -89,7 +101,8 @@ class _Pipeline:
             yield batch
             if got is None:
                 got = self._get(last)
-        self._raise_if_failed()
+        if isinstance(got, _Failure):
+            raise got.exc
 
     @staticmethod
     def _next_waiting(q: queue.Queue):
@@ -104,36 +117,51 @@ class _Pipeline:
             for items in batches:
                 self._empty = False
                 self._started.set()
-                if not self._put(self._queues[0], items):
-                    return
+                if self._halt.is_set() or not self._put(self._queues[0], items):
+                    break
             self._put(self._queues[0], _DONE)
         except BaseException as exc:
-            self._fail(exc)
+            self._put(self._queues[0], _Failure(exc))
         finally:
             self._started.set()
 
     def _work(self, stage: Stage, i: int) -> None:
         inbox, outbox = self._queues[i], self._queues[i + 1]
+        # Set up in the stage's own thread once there is work (a rerun with nothing left loads no model), after
+        # the stage before it: the generator loads alone and starts at once, and the next stage's load overlaps
+        # its first batches instead of competing with its load (model loading is mostly Python, under the GIL).
+        if not self._wait(self._started) or (i and not self._wait(self._ready[i - 1])):
+            return
         try:
-            # Set up in the stage's own thread once there is work (a rerun with nothing left loads no model), after
-            # the stage before it: the generator loads alone and starts at once, and the next stage's load overlaps
-            # its first batches instead of competing with its load (model loading is mostly Python, under the GIL).
-            if not self._wait(self._started) or (i and not self._wait(self._ready[i - 1])):
-                return
-            if not self._empty:
+            if not self._empty and not self._setup_failed:  # after a set-up failure upstream, no batch will come
                 stage.setup()
-            self._ready[i].set()
-            while True:
-                got = self._get(inbox)
-                if got is _DONE:
-                    self._put(outbox, _DONE)
-                    return
-                if not self._put(outbox, run_stage(stage, got)):
-                    return
         except BaseException as exc:
-            self._fail(exc)
+            self._setup_failed = True
+            self._ready[i].set()
+            self._give_up(_Failure(exc), inbox, outbox)
+            return
+        self._ready[i].set()
+        while True:
+            got = self._get(inbox)
+            if got is _DONE or isinstance(got, _Failure):
+                self._put(outbox, got)
+                return
+            try:
+                done = run_stage(stage, got)
+            except BaseException as exc:  # not an item's failure (run_stage records those): a broken stage
+                self._give_up(_Failure(exc), inbox, outbox)
+                return
+            if not self._put(outbox, done):
+                return
 
-    # --- stopping ---------------------------------------------------------------------------------------------
+    def _give_up(self, failure: _Failure, inbox: queue.Queue, outbox: queue.Queue) -> None:
+        """Send ``failure`` on behind what went before, stop the source, and drop what still arrives."""
+        self._halt.set()
+        self._put(outbox, failure)
+        while (got := self._get(inbox)) is not _DONE and not isinstance(got, _Failure):
+            pass
+
+    # --- waiting, with an eye on the stop flag ----------------------------------------------------------------
     def _wait(self, event: threading.Event) -> bool:
         while not event.wait(_POLL_S):
             if self._stop.is_set():
@@ -156,13 +184,3 @@ class _Pipeline:
             except queue.Empty:
                 if self._stop.is_set():
                     return _DONE
-
-    def _fail(self, exc: BaseException) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = exc
-        self._stop.set()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
