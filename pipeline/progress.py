@@ -29,6 +29,7 @@ class Progress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.every_s = 0.2 if self.tty else every_s
         self._last = 0.0
+        self._last_state: tuple[int, int, bool] | None = None
 
     def add(self, planned: int) -> None:
         self.total += planned
@@ -39,6 +40,12 @@ class Progress:
         now = time.monotonic()
         if now - self._last >= self.every_s or (self.done >= self.total and not self.planning):
             self._last = now
+            self._print()
+
+    def finish(self) -> None:
+        """The final line, if the last one printed was not complete (the plan may have grown after it)."""
+        self.planning = False
+        if self._last_state != (self.done, self.total, False):
             self._print()
 
     def rate(self) -> float:
@@ -53,5 +60,6 @@ class Progress:
         return f"[genpipe] {self.done}/{total} items  {self.rate():.2f} images/s  ETA {eta}"
 
     def _print(self) -> None:
+        self._last_state = (self.done, self.total, self.planning)
         end = "\r" if self.tty and (self.done < self.total or self.planning) else "\n"
         print(self.line(), end=end, file=self.stream, flush=True)

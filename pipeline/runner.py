@@ -115,6 +115,12 @@ def check_spec(spec: JobSpec) -> tuple[str, str | None]:
     except ModelError as exc:
         raise SpecError(f"model.id: {exc}") from None
     check_scoring(spec)
+    if spec.database and _in_memory_sqlite(spec.database):
+        # SQLAlchemy gives each thread its own in-memory database; the planner, the sink and the lease heartbeat
+        # are threads, so they would not see each other's tables.
+        raise SpecError(
+            "database: an in-memory SQLite database is per connection; use a file, e.g. sqlite:///runs/genpipe.db"
+        )
     if spec.executor == "ray" and spec.output.startswith("memory://"):
         raise SpecError("output: memory:// lives in one process; use executor: local, a path or an object store")
     family = model_family(resolved) if spec.model.family == "auto" else spec.model.family
@@ -285,9 +291,10 @@ def plan_job(spec: JobSpec) -> PlanSummary:
 
     started = time.monotonic()
     _, family = check_spec(spec)
-    store = None
-    with contextlib.suppress(Exception):  # no database (or not at head): nothing can be done yet
-        store = AuditStore(spec.database_url(), migrate=False)
+    url = spec.database_url()
+    # No database file yet: nothing is done. Any other problem (unreachable server, an older schema) is an error,
+    # as in a real run: a dry run must not report "nothing done" because it could not look.
+    store = None if _sqlite_file_missing(url) else AuditStore(url, migrate=False)
     try:
         planner = _Planner(spec, family, store, Storage(job_root(spec)), 0, dry_run=True)
         planner.run()
@@ -310,6 +317,27 @@ def plan_job(spec: JobSpec) -> PlanSummary:
         rows_per_s=round(pc["rows"] / elapsed, 1) if elapsed > 0 else 0.0,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
+
+
+def _sqlite_file_missing(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+    except Exception:
+        return False  # AuditStore names what is wrong with it
+    return u.get_backend_name() == "sqlite" and bool(u.database) and not os.path.exists(u.database)
+
+
+def _in_memory_sqlite(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+    except Exception:
+        return False
+    db = u.database or ""
+    return u.get_backend_name() == "sqlite" and (db in ("", ":memory:") or u.query.get("mode") == "memory")
 
 
 def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
@@ -335,9 +363,9 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         raise
     summary = RunSummary(job=spec.name, run_id=run_id, status="running", database=_masked(store))
     planner: _Planner | None = None
+    outcome: Counter[str] = Counter()
     try:
         storage.delete(PLAN_PREFIX)  # shards of an interrupted earlier run are stale by definition
-        outcome: Counter[str] = Counter()
         progress = Progress(0, stream=io.StringIO() if quiet else None, planning=True)
 
         preload = spec.scoring.enabled and bool(spec.scoring.bias.attributes)
@@ -360,6 +388,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
             _execute(spec, stages, storage, planning.keys(), sink)
         _plan_counts(summary, planner)
         summary.regenerated_now = _regenerate_flagged(spec, stages, store, storage, planner, sink, progress)
+        progress.finish()
         gen_elapsed = time.monotonic() - gen_start
         storage.delete(PLAN_PREFIX)
         summary.generated_now, summary.failed_now = outcome["generated"], outcome["failed"]
@@ -388,6 +417,9 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         summary.status = "failed"
         if planner is not None:
             _plan_counts(summary, planner)  # as far as planning got
+        summary.generated_now, summary.failed_now = outcome["generated"], outcome["failed"]
+        with contextlib.suppress(Exception):  # what the records say now; never mask the run's own error
+            summary.counts = store.counts(spec.name)
         raise
     finally:
         summary.elapsed_s = time.monotonic() - started

@@ -78,3 +78,18 @@ def test_run_dry_run_plans_against_the_audit_db_and_writes_nothing(make_spec, tm
     store = AuditStore(f"sqlite:///{db}")
     assert (store.counts("test-job"), len(store.runs("test-job"))) == before  # no run, no record
     store.dispose()
+
+
+def test_run_dry_run_fails_when_the_audit_db_cannot_be_read(make_spec, tmp_path, capsys):
+    """'Nothing done' only when there is no database yet; an unreachable one is an error, as in a real run."""
+    spec = make_spec([{"prompt_id": "a", "prompt": "a mug"}], database="postgresql://u:pw@127.0.0.1:1/nodb")
+    assert main(["run", spec, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open audit DB" in err and "pw" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_is_refused_before_anything_runs(make_spec, tmp_path, capsys, url):
+    assert main(["run", make_spec([{"prompt_id": "a", "prompt": "a mug"}], database=url)]) == 2
+    err = capsys.readouterr().err
+    assert "database: an in-memory SQLite database is per connection" in err

@@ -63,7 +63,8 @@ def coalesced(batches: Iterable[list[Item]], max_items: int) -> Iterator[list[It
         except BaseException as exc:
             put(("error", exc))
 
-    threading.Thread(target=read, name="genpipe-results", daemon=True).start()
+    reader = threading.Thread(target=read, name="genpipe-results", daemon=True)
+    reader.start()
     try:
         kind, value = waiting.get()
         while True:
@@ -84,3 +85,5 @@ def coalesced(batches: Iterable[list[Item]], max_items: int) -> Iterator[list[It
                 kind, value = waiting.get()
     finally:
         stop.set()
+        # The reader ends at its next step; it may be waiting inside ``batches`` (a Ray iterator) for a while.
+        reader.join(timeout=1.0)

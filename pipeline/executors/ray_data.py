@@ -7,6 +7,7 @@ on the worker, so GPU choice and model loading happen where the model will run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -159,8 +160,9 @@ def run_ray(
                 **extra,
             )
     results = (items_from_table(batch) for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    for items in coalesced(results, SINK_MAX_ITEMS):  # the driver writes what has piled up in one transaction
-        sink(items)
+    with contextlib.closing(coalesced(results, SINK_MAX_ITEMS)) as coalesced_results:
+        for items in coalesced_results:  # the driver writes what has piled up in one transaction
+            sink(items)
 
 
 def ray_available() -> bool:
