@@ -443,3 +443,25 @@ def test_sqlite_directory_that_cannot_be_created(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(AuditStoreError, match="cannot create directory .*a-file/sub: Not a directory"):
         AuditStore(f"sqlite:///{tmp_path}/a-file/sub/genpipe.db")
+
+
+def test_opening_sqlite_retries_an_immediate_database_is_locked(tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    original = AuditStore._prepare_schema
+    calls = {"n": 0}
+
+    def locked_twice(self, migrate):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OperationalError("PRAGMA journal_mode = WAL", {}, sqlite3.OperationalError("database is locked"))
+        return original(self, migrate)
+
+    monkeypatch.setattr(AuditStore, "_prepare_schema", locked_twice)
+    store = AuditStore(f"sqlite:///{tmp_path}/a.db")
+    assert calls["n"] == 3 and store.counts("none") == {}
+    store.dispose()
+
+    calls["n"] = -10  # locked every time: the error is reported, not retried forever
+    with pytest.raises(AuditStoreError, match="database is locked"):
+        AuditStore(f"sqlite:///{tmp_path}/b.db")

@@ -259,7 +259,7 @@ class AuditStore:
         #: The schema revision found on opening (None: empty; "legacy": pre-migration tables).
         self.revision_found: str | None = None
         try:
-            self._prepare_schema(migrate)
+            self._prepare_schema_retrying(migrate)
         except DBAPIError as exc:
             self.engine.dispose()
             reason = _first_line(exc)
@@ -290,6 +290,19 @@ class AuditStore:
         path = self.url.database
         if path and path != ":memory:" and not path.startswith("file:") and not os.path.exists(path):
             raise AuditStoreError(f"audit DB {self.safe_url}: no such file {os.path.abspath(path)}")
+
+    def _prepare_schema_retrying(self, migrate: bool) -> None:
+        # Several processes opening one fresh SQLite file at once: the first one's switch to WAL can, rarely, make
+        # another's connect fail with "database is locked" at once, without waiting on the busy timeout (seen once
+        # in ~40 runs of the 8-process test under a loaded CI). Opening is idempotent: try again, briefly.
+        for attempt in range(6):
+            try:
+                return self._prepare_schema(migrate)
+            except OperationalError as exc:
+                if self.dialect != "sqlite" or "locked" not in str(exc) or attempt == 5:
+                    raise
+                self.engine.dispose()  # the next connection runs the PRAGMAs again
+                time.sleep(0.05 * 2**attempt)
 
     def _prepare_schema(self, migrate: bool) -> None:
         head = migrations.head_revision()
