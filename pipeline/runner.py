@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pipeline.audit import AuditStore, write_chain_anchor
 from pipeline.audit.lease import JobLease
 from pipeline.audit.records import write_results_parquet
+from pipeline.audit.store import sqlite_file, sqlite_in_memory
 from pipeline.errors import JobFailed, SpecError
 from pipeline.executors.shards import SHARD_SUFFIX, iter_batches, shard_batches, shard_rows, write_shard
 from pipeline.manifest import ManifestPlanner, read_rows
@@ -115,7 +116,7 @@ def check_spec(spec: JobSpec) -> tuple[str, str | None]:
     except ModelError as exc:
         raise SpecError(f"model.id: {exc}") from None
     check_scoring(spec)
-    if spec.database and _in_memory_sqlite(spec.database):
+    if spec.database and sqlite_in_memory(spec.database):
         # SQLAlchemy gives each thread its own in-memory database; the planner, the sink and the lease heartbeat
         # are threads, so they would not see each other's tables.
         raise SpecError(
@@ -294,7 +295,8 @@ def plan_job(spec: JobSpec) -> PlanSummary:
     url = spec.database_url()
     # No database file yet: nothing is done. Any other problem (unreachable server, an older schema) is an error,
     # as in a real run: a dry run must not report "nothing done" because it could not look.
-    store = None if _sqlite_file_missing(url) else AuditStore(url, migrate=False)
+    path = sqlite_file(url)
+    store = None if path is not None and not os.path.exists(path) else AuditStore(url, migrate=False)
     try:
         planner = _Planner(spec, family, store, Storage(job_root(spec)), 0, dry_run=True)
         planner.run()
@@ -317,27 +319,6 @@ def plan_job(spec: JobSpec) -> PlanSummary:
         rows_per_s=round(pc["rows"] / elapsed, 1) if elapsed > 0 else 0.0,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
-
-
-def _sqlite_file_missing(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    try:
-        u = make_url(url)
-    except Exception:
-        return False  # AuditStore names what is wrong with it
-    return u.get_backend_name() == "sqlite" and bool(u.database) and not os.path.exists(u.database)
-
-
-def _in_memory_sqlite(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    try:
-        u = make_url(url)
-    except Exception:
-        return False
-    db = u.database or ""
-    return u.get_backend_name() == "sqlite" and (db in ("", ":memory:") or u.query.get("mode") == "memory")
 
 
 def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:

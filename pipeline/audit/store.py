@@ -275,8 +275,8 @@ class AuditStore:
         return f"AuditStore({self.safe_url!r})"
 
     def _make_sqlite_dir(self) -> None:
-        path = self.url.database
-        if not path or path == ":memory:" or path.startswith("file:") or self.url.query.get("mode") == "memory":
+        path = sqlite_file(self.url)
+        if path is None:
             return
         directory = os.path.dirname(os.path.abspath(path))
         try:
@@ -287,8 +287,8 @@ class AuditStore:
             ) from None
 
     def _require_sqlite_file(self) -> None:
-        path = self.url.database
-        if path and path != ":memory:" and not path.startswith("file:") and not os.path.exists(path):
+        path = sqlite_file(self.url)
+        if path is not None and not os.path.exists(path):
             raise AuditStoreError(f"audit DB {self.safe_url}: no such file {os.path.abspath(path)}")
 
     def _prepare_schema_retrying(self, migrate: bool) -> None:
@@ -580,6 +580,28 @@ class AuditStore:
 
     def __exit__(self, *exc: object) -> None:
         self.dispose()
+
+
+def _sqlite_url(url: str | URL) -> URL | None:
+    try:
+        u = make_url(url)
+    except (ArgumentError, ValueError):
+        return None  # AuditStore names what is wrong with it
+    return u if u.get_backend_name() == "sqlite" else None
+
+
+def sqlite_in_memory(url: str | URL) -> bool:
+    """Whether ``url`` is an in-memory SQLite database (one per connection)."""
+    u = _sqlite_url(url)
+    return u is not None and (u.database in (None, "", ":memory:") or u.query.get("mode") == "memory")
+
+
+def sqlite_file(url: str | URL) -> str | None:
+    """The file a SQLite URL names; None for other backends, in-memory databases and ``file:`` URIs."""
+    u = _sqlite_url(url)
+    if u is None or sqlite_in_memory(u) or u.database.startswith("file:"):
+        return None
+    return u.database
 
 
 def _configure_sqlite(engine: Any) -> None:
