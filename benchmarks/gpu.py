@@ -311,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--clip-arch", default="ViT-L-14", help="open_clip architecture for scoring (random weights)")
     p.add_argument(
+        "--scoring-cpus",
+        type=float,
+        default=None,
+        help="scoring.cpus_per_actor: threads for open_nsfw, which runs on the CPU unless onnxruntime-gpu is "
+        "installed (default 4 with CUDA, the spec's default on a CPU)",
+    )
+    p.add_argument(
         "--scenarios", default=None, help="default: all in-process ones, ray1 where Ray is installed, ray2 with 2+ GPUs"
     )
     p.add_argument("--repeat", type=int, default=1)
@@ -339,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                  "--height", str(args.height), "--steps", str(args.steps), "--batch", str(args.batch),
                  "--dtype", dtype, "--clip-arch", args.clip_arch, "--scenarios", scenarios,
                  "--repeat", str(args.repeat), "--mfu"]  # fmt: skip
+    scoring_cpus = args.scoring_cpus or (4.0 if args.device == "cuda" else None)
+    if scoring_cpus:
+        forwarded += ["--scoring-cpus", str(scoring_cpus)]
     for flag, value in (("--json", args.json_path), ("--md", args.md_path), ("--workdir", args.workdir)):
         if value:
             forwarded += [flag, value]

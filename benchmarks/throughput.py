@@ -179,6 +179,7 @@ class Config:
     ray_num_cpus: float | None
     clip_arch: str
     workdir: str
+    scoring_cpus: float | None = None
 
 
 def manifest_rows(n: int) -> list[dict[str, Any]]:
@@ -351,7 +352,8 @@ def run_genpipe(cfg: Config, name: str, manifest: str, *, executor: str, scoring
         "image": {"width": cfg.width, "height": cfg.height, "images_per_prompt": 1, "format": "png"},
         "resources": {"generator_actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": 1 if cuda else 0,
                       "batch_size": cfg.batch, "batch_invariant": invariant},
-        "scoring": {"enabled": scoring, "clip": {"architecture": cfg.clip_arch}},
+        "scoring": {"enabled": scoring, "clip": {"architecture": cfg.clip_arch},
+                    **({"cpus_per_actor": cfg.scoring_cpus} if cfg.scoring_cpus else {})},
     })  # fmt: skip
     _torch_setup(cfg, onednn=True)  # as a fresh process finds it; the invariant mode turns it off itself
     gc.collect()
@@ -611,7 +613,8 @@ def render_markdown(cfg: Config, payload: dict[str, Any]) -> str:
         f"Load average (1/5/15 min) at start: {m['loadavg_1_5_15']}; at end: {payload['loadavg_end']}.",
         f"Model `{cfg.model}` {cfg.width}×{cfg.height}, {cfg.steps} steps ({cfg.sampler}), guidance {cfg.guidance}, "
         f"batch {cfg.batch}, N = {cfg.n}, device {cfg.device} ({cfg.dtype}), torch threads {cfg.threads} "
-        f"(Ray: {cfg.ray_cpus_per_actor} CPU per actor → 1 thread).",
+        f"(Ray: {cfg.ray_cpus_per_actor} CPU per actor → 1 thread); scoring: CLIP `{cfg.clip_arch}`, "
+        f"scoring.cpus_per_actor {cfg.scoring_cpus or 'default'}.",
         "",
     ]
     header = ["scenario", "images", "wall s", "images/s", "excl. load", "steady", "TTFI s", "CPU s/image",
@@ -774,6 +777,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ray-cpus-per-actor", type=float, default=0.5, help="CPUs per Ray generator actor (0.5)")
     p.add_argument("--ray-num-cpus", type=float, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--clip-arch", default="tiny", help="open_clip architecture for full scoring (default tiny)")
+    p.add_argument(
+        "--scoring-cpus",
+        type=float,
+        default=None,
+        help="scoring.cpus_per_actor (ONNX and preprocessing threads; default: the spec's 0.25 → 1 thread)",
+    )
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help=f"comma list of {', '.join(ALL_SCENARIOS)}")
     p.add_argument(
         "--repeat",
@@ -807,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                  batch=args.batch, guidance=args.guidance, sampler=args.sampler, device=args.device,
                  dtype=args.dtype or ("float16" if args.device == "cuda" else "float32"), threads=args.threads,
                  ray_cpus_per_actor=args.ray_cpus_per_actor, ray_num_cpus=args.ray_num_cpus,
-                 clip_arch=args.clip_arch, workdir=workdir)  # fmt: skip
+                 clip_arch=args.clip_arch, workdir=workdir, scoring_cpus=args.scoring_cpus)  # fmt: skip
     machine = machine_info()
     try:
         run_out = run(cfg, scenarios, args.repeat)
