@@ -53,14 +53,18 @@ def now_iso() -> str:
 
 
 def git_revision() -> str:
+    """``abc1234``, ``abc1234 (working tree modified)``, or where the tree travelled without ``.git`` (a lent GPU
+    machine) what ``$GENPIPE_GIT_REVISION`` says (benchmarks/device_run.sh sets it from the kit)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()  # fmt: skip
+        if not rev:
+            return os.environ.get("GENPIPE_GIT_REVISION") or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
                                timeout=10).stdout.strip()  # fmt: skip
         return f"{rev}{' (working tree modified)' if dirty else ''}"
     except Exception:
-        return "unknown"
+        return os.environ.get("GENPIPE_GIT_REVISION") or "unknown"
 
 
 def machine_info() -> dict[str, Any]:

@@ -27,8 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: it lacks too. The review app (fastapi, uvicorn, ...), PostgreSQL (psycopg), S3 and Ray are not needed to run
 #: ``benchmarks.gpu``'s local scenarios against SQLite and a local output directory.
 KIT = (
-    "diffusers",
-    "importlib_metadata",  # diffusers
+    "diffusers",  # (its importlib_metadata requirement is for Python < 3.8: not carried)
     "open_clip_torch",
     "ftfy",  # open_clip
     "wcwidth",  # ftfy
@@ -62,16 +61,28 @@ def download(out: Path, python_version: str) -> list[Path]:
     return sorted(wheels.glob("*.whl"))
 
 
+def write_revision(out: Path) -> str:
+    """The tree's git revision in ``out/REVISION``: the device machine gets the tree without ``.git``, and its
+    results should still say which code they measured. Run the kit again (seconds) after a commit."""
+    from benchmarks.common import git_revision
+
+    revision = git_revision()
+    (out / "REVISION").write_text(revision + "\n")
+    return revision
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.device_kit", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(REPO / ".device-kit"), help="kit directory (default .device-kit)")
     p.add_argument("--python", default="3.12", help="the device's Python version (default 3.12)")
     args = p.parse_args(argv)
     wheels = download(Path(args.out), args.python)
+    revision = write_revision(Path(args.out))
     total = sum(w.stat().st_size for w in wheels) / 2**20
     for w in wheels:
         print(f"{w.stat().st_size / 2**20:7.1f} MB  {w.name}")
     print(f"{total:7.1f} MB  in {len(wheels)} wheels → {args.out}/wheels (budget {BUDGET_MB:.0f} MB)")
+    print(f"tree at {revision} (written to {args.out}/REVISION)")
     if len(wheels) < len(KIT):
         print(f"error: {len(KIT)} packages asked for, {len(wheels)} wheels fetched", file=sys.stderr)
         return 1

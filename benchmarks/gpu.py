@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,11 +143,46 @@ def build_sdxl_random(out_dir: Path, dtype: str = "float16", device: str = "cuda
         "dtype": dtype,
     }
     (tmp / ".complete").write_text(json.dumps(recipe) + "\n")
-    os.replace(tmp, out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished the same build first: keep its copy
+        if not (out_dir / ".complete").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     del pipe, unet, vae, te1, te2
     if device == "cuda":
         torch.cuda.empty_cache()
     return out_dir
+
+
+def unet_flops_cached(model_path: str, dtype: str, width: int, height: int, guidance: float,
+                      device: str = "cuda") -> dict[str, Any]:  # fmt: skip
+    """``unet_flops_per_image_step``, kept in ``$GENPIPE_CACHE/unet-flops.json`` by model weights (path, size,
+    mtime), shape, dtype and library versions: a second benchmark run on the same model does not load its UNet
+    again only to count."""
+    import diffusers
+    import torch
+
+    from pipeline.models.tiny import cache_root
+
+    weights = sorted((Path(model_path) / "unet").glob("*.safetensors"))
+    stamp = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
+    key = json.dumps([os.path.realpath(model_path), stamp, width, height, dtype, guidance > 1, device,
+                      torch.__version__, diffusers.__version__])  # fmt: skip
+    path = cache_root() / "unet-flops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    counted = unet_flops_per_image_step(model_path, dtype, width, height, guidance, device)
+    known[key] = counted
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(known, indent=1) + "\n")
+    os.replace(tmp, path)
+    return counted
 
 
 def unet_flops_per_image_step(model_path: str, dtype: str, width: int, height: int, guidance: float,
@@ -172,7 +208,11 @@ def unet_flops_per_image_step(model_path: str, dtype: str, width: int, height: i
             "text_embeds": torch.randn(rows, text_dim, device=device, dtype=torch_dtype),
             "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * rows, device=device, dtype=torch_dtype),
         }
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # Attention through the math backend: torch's counter has formulas for the fused CUDA kernels but not for every
+    # backend (none for CPU flash attention), and the math one is plain matmuls it always counts. Same FLOPs.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         unet(latent, torch.tensor(500, device=device), encoder_hidden_states=ctx, **kwargs)
     params = sum(p.numel() for p in unet.parameters())
     del unet
@@ -224,9 +264,7 @@ def add_mfu(cfg: Any, payload: dict[str, Any], override_tflops: float | None = N
     from benchmarks.throughput import resolved_model
 
     name = device_name(cfg.device)
-    flops = unet_flops_per_image_step(
-        resolved_model(cfg.model), cfg.dtype, cfg.width, cfg.height, cfg.guidance, device=cfg.device
-    )
+    flops = unet_flops_cached(resolved_model(cfg.model), cfg.dtype, cfg.width, cfg.height, cfg.guidance, cfg.device)
     override = override_tflops or float(os.environ.get("GENPIPE_PEAK_TFLOPS", 0))
     if cfg.device == "cuda":
         peak, source = peak_tflops(name, cfg.dtype, override)

@@ -834,18 +834,31 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": loadavg(),
     }
     payload["summary"] = summarise(run_out)
-    if args.device == "cuda" or args.mfu:
-        from benchmarks.gpu import add_mfu, render_mfu
-
-        add_mfu(cfg, payload)
-        md = render_markdown(cfg, payload) + "\n" + render_mfu(payload)
-    else:
-        md = render_markdown(cfg, payload)
+    md = render_markdown(cfg, payload)
     print(md)
+    # Written before the FLOP count, so that the measured numbers survive its failure (or a time limit).
     write_text(args.md_path, md + "\n")
     if args.json_path:
         update_json(args.json_path, {**payload["summary"], "throughput": payload})
-    return 1 if run_out["errors"] else 0
+    mfu_failed = False
+    if args.device == "cuda" or args.mfu:
+        from benchmarks.gpu import add_mfu, render_mfu
+
+        try:
+            add_mfu(cfg, payload)
+        except Exception as exc:  # the scenarios' numbers stand without it
+            import traceback
+
+            traceback.print_exc()
+            payload["mfu_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            mfu_failed = True
+        else:
+            mfu_md = render_mfu(payload)
+            print(mfu_md)
+            write_text(args.md_path, md + "\n" + mfu_md + "\n")
+        if args.json_path:
+            update_json(args.json_path, {"throughput": payload})
+    return 1 if run_out["errors"] or mfu_failed else 0
 
 
 if __name__ == "__main__":
