@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from schemas.limits import LIMITS, SAMPLER_NAMES
 
@@ -54,21 +54,24 @@ class ModelSpec(_Strict):
     lora: tuple[LoraSpec, ...] = Field((), description="LoRA adapters, applied with their scales.")
 
 
+def _known_sampler(name: str) -> str:
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)}")
+    return name
+
+
+#: A sampler name from pipeline.samplers' table (job specs and LoRA training specs alike).
+SamplerName = Annotated[str, AfterValidator(_known_sampler)]
+
+
 class SamplerSpec(_Strict):
     """The denoising sampler (a diffusers scheduler) and its step count and guidance."""
 
-    name: str = Field("euler", description=f"One of: {', '.join(SAMPLER_NAMES)}.")
+    name: SamplerName = Field("euler", description=f"One of: {', '.join(SAMPLER_NAMES)}.")
     steps: int = Field(20, ge=1, le=LIMITS.max_steps, description="Denoising steps.")
     guidance_scale: float = Field(
         7.5, ge=0.0, le=LIMITS.max_guidance, description="Classifier-free guidance; <= 1 disables it."
     )
-
-    @field_validator("name")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        if v not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {v!r}; valid names: {', '.join(SAMPLER_NAMES)}")
-        return v
 
 
 class ImageSpec(_Strict):

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from schemas.limits import LIMITS, SAMPLER_NAMES
-from schemas.spec import JOB_NAME_RE, ClipSpec
+from schemas.spec import JOB_NAME_RE, ClipSpec, SamplerName
 
 #: Fewer usable training samples than this (after skipping unreadable images / empty captions and holding out
 #: the evaluation samples) is an error: a LoRA fitted to a handful of images only memorises them.
@@ -124,7 +124,7 @@ class EvaluationSpec(_Strict):
         "their images give the validation loss."
     )  # fmt: skip
     prompts: tuple[Prompt, ...] = Field((), description="Extra prompts generated with and without the adapter.")
-    sampler: str = Field("euler", description=f"One of: {', '.join(SAMPLER_NAMES)}.")
+    sampler: SamplerName = Field("euler", description=f"One of: {', '.join(SAMPLER_NAMES)}.")
     steps: int = Field(20, ge=1, le=LIMITS.max_steps, description="Denoising steps per evaluation image.")
     guidance_scale: float = Field(7.5, ge=0.0, le=LIMITS.max_guidance, description="Classifier-free guidance.")
     lora_scale: float = Field(1.0, ge=0.0, le=4.0, description="Adapter strength in the comparison.")
@@ -132,13 +132,6 @@ class EvaluationSpec(_Strict):
     clip: ClipSpec | None = Field(
         default_factory=ClipSpec, description="CLIP backbone for alignment scores (needs pipeline.scoring); null: off."
     )
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        if v not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {v!r}; valid names: {', '.join(SAMPLER_NAMES)}")
-        return v
 
 
 class TrainSpec(_Strict):
