@@ -54,3 +54,21 @@ def make_spec(tmp_path):
         return str(path)
 
     return _make
+
+
+@pytest.fixture
+def plan_fails_after_one_shard(monkeypatch):
+    """Plan shards of 4 items, and make writing the second one fail with ``OSError("plan storage is full")``.
+    Returns ``heal()``, which makes planning work again (for a rerun)."""
+    from pipeline import runner
+
+    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
+    original_flush = runner._Planner._flush_shard
+
+    def flush_shard(self):
+        if len(self.shards) == 1 and self._pending:
+            raise OSError("plan storage is full")
+        original_flush(self)
+
+    monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
+    return lambda: monkeypatch.setattr(runner._Planner, "_flush_shard", original_flush)

@@ -162,18 +162,7 @@ def test_generation_starts_before_the_plan_is_complete(make_spec, tmp_path, monk
     check_invariants(_db(tmp_path), str(tmp_path / "out" / "test-job"), "test-job", 12)
 
 
-def test_a_planning_error_mid_manifest_stops_the_run_and_is_raised(make_spec, tmp_path, monkeypatch):
-    from pipeline import runner
-
-    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
-    original_flush = runner._Planner._flush_shard
-
-    def flush_shard(self):
-        if len(self.shards) == 1 and self._pending:
-            raise OSError("plan storage is full")
-        original_flush(self)
-
-    monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
+def test_a_planning_error_mid_manifest_stops_the_run_and_is_raised(make_spec, tmp_path, plan_fails_after_one_shard):
     with pytest.raises(OSError, match="plan storage is full"):
         run_job(load_spec(make_spec(STREAM_ROWS, database=_db(tmp_path))), quiet=True)
     store = AuditStore(_db(tmp_path))
@@ -185,7 +174,7 @@ def test_a_planning_error_mid_manifest_stops_the_run_and_is_raised(make_spec, tm
     finally:
         store.dispose()
     assert len(_images(tmp_path / "out" / "test-job")) == 4  # every image written has its record
-    monkeypatch.setattr(runner._Planner, "_flush_shard", original_flush)
+    plan_fails_after_one_shard()  # heal: the rerun plans normally
     rerun = run_job(load_spec(make_spec(STREAM_ROWS, database=_db(tmp_path))), quiet=True)
     assert rerun.status == "succeeded" and rerun.counts == {"generated": 12}
 

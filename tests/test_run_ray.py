@@ -108,18 +108,7 @@ def test_ray_starts_while_the_plan_is_still_being_written(ray_local, make_spec, 
     check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 10)
 
 
-def test_a_planning_error_ends_the_ray_run_and_is_raised(ray_local, make_spec, tmp_path, monkeypatch):
-    from pipeline import runner
-
-    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
-    original_flush = runner._Planner._flush_shard
-
-    def flush_shard(self):
-        if len(self.shards) == 1 and self._pending:
-            raise OSError("plan storage is full")
-        original_flush(self)
-
-    monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
+def test_a_planning_error_ends_the_ray_run_and_is_raised(ray_local, make_spec, tmp_path, plan_fails_after_one_shard):
     db = f"sqlite:///{tmp_path}/audit.db"
     path = make_spec(ROWS[:10], executor="ray", database=db, resources={"cpus_per_actor": 0.5, "batch_size": 2})
     with pytest.raises(OSError, match="plan storage is full"):
