@@ -209,6 +209,23 @@ def resolved_model(model: str) -> str:
     return model
 
 
+def _gpu_reset(cfg: Config) -> None:
+    if cfg.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak_mb(cfg: Config) -> float | None:
+    """Peak GPU memory allocated by tensors since ``_gpu_reset`` (this process: the bare loop or genpipe local)."""
+    if cfg.device != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def _torch_setup(cfg: Config, onednn: bool) -> None:
     import torch
 
@@ -266,6 +283,7 @@ def run_bare(cfg: Config, rows: list[dict[str, Any]], per_image: bool) -> dict[s
     _torch_setup(cfg, onednn=not per_image)
     path = resolved_model(cfg.model)
     gc.collect()
+    _gpu_reset(cfg)
     reset_peak_rss()
     rss_start, cpu0, load0 = rss_mb(), cpu_seconds(), loadavg()
     t0 = time.perf_counter()
@@ -305,6 +323,7 @@ def run_bare(cfg: Config, rows: list[dict[str, Any]], per_image: bool) -> dict[s
         "cpu_s_per_image": round((cpu_seconds() - cpu0) / max(1, len(pixels)), 4),
         "driver_rss_start_mb": rss_start,
         "driver_peak_rss_mb": peak_rss_mb(),
+        "gpu_peak_mb": _gpu_peak_mb(cfg),
         "stages_s": {"model_load": round(load_s, 3), "generate": round(wall - load_s, 3)},
         "stages_cpu_s": {"generate": round(loop_cpu, 3)},
         "critical_path_s": {"model_load": round(load_s, 3), "generate": round(wall - load_s, 3), "other": 0.0},
@@ -357,6 +376,7 @@ def run_genpipe(cfg: Config, name: str, manifest: str, *, executor: str, scoring
     })  # fmt: skip
     _torch_setup(cfg, onednn=True)  # as a fresh process finds it; the invariant mode turns it off itself
     gc.collect()
+    _gpu_reset(cfg)
     hooks.reset()
     reset_peak_rss()
     rss_start, cpu0, load0 = rss_mb(), cpu_seconds(), loadavg()
@@ -422,6 +442,7 @@ def run_genpipe(cfg: Config, name: str, manifest: str, *, executor: str, scoring
         "cpu_s_per_image": round(cpu_driver / max(1, len(generated)), 4),
         "driver_rss_start_mb": rss_start,
         "driver_peak_rss_mb": driver_peak,
+        "gpu_peak_mb": _gpu_peak_mb(cfg) if executor == "local" else None,
         "stages_s": stages,
         "stages_cpu_s": stages_cpu,
         "critical_path_s": critical,
@@ -617,8 +638,9 @@ def render_markdown(cfg: Config, payload: dict[str, Any]) -> str:
         f"scoring.cpus_per_actor {cfg.scoring_cpus or 'default'}.",
         "",
     ]
+    gpu = cfg.device == "cuda"
     header = ["scenario", "images", "wall s", "images/s", "excl. load", "steady", "TTFI s", "CPU s/image",
-              "driver peak MB", "actor peak MB", "load avg after"]  # fmt: skip
+              "driver peak MB", "actor peak MB", *(["GPU peak MB"] if gpu else []), "load avg after"]  # fmt: skip
     rows = []
     for name in ALL_SCENARIOS:
         if name not in r:
@@ -626,7 +648,7 @@ def render_markdown(cfg: Config, payload: dict[str, Any]) -> str:
         x = r[name]
         rows.append([DESCRIPTIONS[name], x["images"], x["wall_s"], x["images_per_s"], x.get("images_per_s_excl_load"),
                      x.get("steady_images_per_s"), x.get("ttfi_s"), x.get("cpu_s_per_image"),
-                     x.get("driver_peak_rss_mb"), x.get("actor_peak_rss_mb"),
+                     x.get("driver_peak_rss_mb"), x.get("actor_peak_rss_mb"), *([x.get("gpu_peak_mb")] if gpu else []),
                      "/".join(f"{v:g}" for v in x["loadavg_after"][:1])])  # fmt: skip
     lines += [md_table(header, rows), ""]
     repeated = []
