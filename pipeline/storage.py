@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -117,8 +118,14 @@ class Storage:
         final = self.path(key)
         parent = posixpath.dirname(final)
         if self.protocol not in _ATOMIC_RENAME_PROTOCOLS:
-            with self.fs.open(final, "wb") as f:  # object stores publish on close
-                yield f
+            # An object store publishes a file object on close, also when the block raised (fsspec's __exit__ only
+            # closes): the content goes to a local temporary file first and is uploaded in one put once the block
+            # has succeeded; an object appears whole or not at all, and the upload is retried like any write.
+            with tempfile.TemporaryFile(prefix="genpipe-") as local:
+                yield local  # type: ignore[misc]
+                local.seek(0)
+                data = local.read()
+            retry(lambda: self.fs.pipe_file(final, data), what=f"write {key}")
             return
         self.fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(final)}")

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config import load_spec
 from pipeline.runner import run_job
+from pipeline.storage import Storage
 from tests.invariants import check_invariants
 
 pytest.importorskip("s3fs")
@@ -106,3 +107,22 @@ def test_job_on_s3_survives_injected_503s(flaky_s3, make_spec, tmp_path):
     check_invariants(db, "s3://assets/runs/test-job", "test-job", 6)
     rerun = run_job(load_spec(path), quiet=True)
     assert rerun.generated_now == 0 and rerun.skipped_done == 6
+
+
+@pytest.mark.timeout(120)
+def test_open_atomic_on_s3_publishes_only_a_finished_file(flaky_s3):
+    # fsspec's S3 file object uploads on close, even when the block raised: a crash mid-write used to replace a
+    # good results.parquet with a truncated one.
+    st = Storage("s3://assets/atomic")
+    with st.open_atomic("results.parquet") as f:
+        f.write(b"PAR1 all of the rows PAR1")
+        assert not st.exists("results.parquet")  # not visible before the block exits
+    with pytest.raises(RuntimeError, match="crash mid-write"), st.open_atomic("results.parquet") as f:
+        f.write(b"PAR1 half of the rows")
+        raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), st.open_atomic("never.bin") as f:
+        f.write(b"partial")
+        raise RuntimeError("crash mid-write")
+    assert st.read("results.parquet") == b"PAR1 all of the rows PAR1"
+    assert not st.exists("never.bin")
+    assert flaky_s3.requests > 0
