@@ -345,6 +345,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
     summary = RunSummary(job=spec.name, run_id=run_id, status="running", database=_masked(store))
     planner: _Planner | None = None
     outcome: Counter[str] = Counter()
+    raising = False
     try:
         storage.delete(PLAN_PREFIX)  # shards of an interrupted earlier run are stale by definition
         progress = Progress(0, stream=io.StringIO() if quiet else None, planning=True)
@@ -395,6 +396,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         over_budget = attempted and failed / attempted > spec.policy.max_failure_fraction
         summary.status = "failed" if over_budget else "succeeded"
     except BaseException:
+        raising = True
         summary.status = "failed"
         if planner is not None:
             _plan_counts(summary, planner)  # as far as planning got
@@ -404,15 +406,25 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         raise
     finally:
         summary.elapsed_s = time.monotonic() - started
-        store.end_run(run_id, summary.status, summary.counts, asdict(summary))
-        try:  # the chain head next to the images: an anchor outside the database (covers run_ended)
-            write_chain_anchor(store, storage, spec.name)
-        except Exception as exc:  # never mask the job's own outcome
-            print(f"genpipe: warning: chain anchor not written: {exc}", file=sys.stderr)
-        lease.release()
-        store.dispose()
-        if summary.status != "running":
-            _write_summary(storage, summary)
+        try:
+            try:
+                store.end_run(run_id, summary.status, summary.counts, asdict(summary))
+            except Exception as exc:  # raised when the run itself went well; never masks the run's own error
+                if not raising:
+                    raise
+                print(f"genpipe: warning: the run's end was not recorded: {exc}", file=sys.stderr)
+            try:  # the chain head next to the images: an anchor outside the database (covers run_ended)
+                write_chain_anchor(store, storage, spec.name)
+            except Exception as exc:  # never mask the job's own outcome
+                print(f"genpipe: warning: chain anchor not written: {exc}", file=sys.stderr)
+        finally:  # whatever the database did: the lease goes (or expires: its heartbeat stops first)
+            try:
+                lease.release()
+            except Exception as exc:
+                print(f"genpipe: warning: lease not released, it expires by itself: {exc}", file=sys.stderr)
+            store.dispose()
+            if summary.status != "running":
+                _write_summary(storage, summary)
     if summary.status == "failed":
         failed = summary.counts.get("failed", 0)
         raise JobFailed(

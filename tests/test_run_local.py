@@ -210,3 +210,48 @@ def test_an_execution_error_stops_the_planner_at_the_next_row(make_spec, tmp_pat
         assert run["status"] == "failed" and 4 <= run["summary"]["rows"] < 3000  # stopped, not planned to the end
     finally:
         store.dispose()
+
+
+def test_a_database_error_at_the_runs_end_still_releases_the_lease(make_spec, tmp_path, monkeypatch):
+    import sqlalchemy.exc
+
+    real_end_run = AuditStore.end_run
+    calls = []
+
+    def end_run(self, *args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("UPDATE runs", {}, Exception("database is locked"))
+        return real_end_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(AuditStore, "end_run", end_run)
+    path = make_spec(ROWS[:3], database=_db(tmp_path))
+    # The run itself went well: the database error is the outcome, and it is not swallowed ...
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="database is locked"):
+        run_job(load_spec(path), quiet=True)
+    # ... but the lease was released (a second run in the same process gets it at once, not after its TTL) and the
+    # summary next to the images was written.
+    assert Storage(str(tmp_path / "out" / "test-job")).exists("summary.json")
+    rerun = run_job(load_spec(path), quiet=True)
+    assert rerun.status == "succeeded" and rerun.generated_now == 0 and rerun.skipped_done == rerun.items_total
+    assert calls == ["succeeded", "succeeded"]
+
+
+def test_a_database_error_at_the_end_of_a_failing_run_does_not_mask_its_error(make_spec, tmp_path, monkeypatch):
+    import sqlalchemy.exc
+
+    from pipeline import runner
+
+    def end_run(self, *args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("UPDATE runs", {}, Exception("database is locked"))
+
+    def broken_execute(*args, **kwargs):
+        raise RuntimeError("the executor broke")
+
+    monkeypatch.setattr(AuditStore, "end_run", end_run)
+    monkeypatch.setattr(runner, "_execute", broken_execute)
+    with pytest.raises(RuntimeError, match="the executor broke"):
+        run_job(load_spec(make_spec(ROWS[:3], database=_db(tmp_path))), quiet=True)
+    monkeypatch.undo()
+    rerun = run_job(load_spec(make_spec(ROWS[:3], database=_db(tmp_path))), quiet=True)  # the lease is free
+    assert rerun.status == "succeeded" and rerun.generated_now == rerun.items_total > 0
