@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pipeline.audit import AuditStore, write_chain_anchor
 from pipeline.audit.lease import JobLease
 from pipeline.audit.records import write_results_parquet
-from pipeline.audit.store import sqlite_file, sqlite_in_memory
+from pipeline.audit.store import EmptyAuditDatabase, sqlite_file, sqlite_in_memory
 from pipeline.errors import JobFailed, SpecError
 from pipeline.executors.shards import SHARD_SUFFIX, iter_batches, shard_batches, shard_rows, write_shard
 from pipeline.manifest import ManifestPlanner, read_rows
@@ -293,10 +293,14 @@ def plan_job(spec: JobSpec) -> PlanSummary:
     started = time.monotonic()
     _, family = check_spec(spec)
     url = spec.database_url()
-    # No database file yet: nothing is done. Any other problem (unreachable server, an older schema) is an error,
-    # as in a real run: a dry run must not report "nothing done" because it could not look.
+    # No database file yet, or a database without audit tables (a new PostgreSQL database, which a real run would
+    # set up): nothing is done. Any other problem (unreachable server, an older schema) is an error, as in a real
+    # run: a dry run must not report "nothing done" because it could not look.
     path = sqlite_file(url)
-    store = None if path is not None and not os.path.exists(path) else AuditStore(url, migrate=False)
+    store = None
+    if path is None or os.path.exists(path):
+        with contextlib.suppress(EmptyAuditDatabase):
+            store = AuditStore(url, migrate=False)
     try:
         planner = _Planner(spec, family, store, Storage(job_root(spec)), 0, dry_run=True)
         planner.run()

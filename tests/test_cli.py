@@ -88,6 +88,26 @@ def test_run_dry_run_fails_when_the_audit_db_cannot_be_read(make_spec, tmp_path,
     assert "cannot open audit DB" in err and "pw" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_run_dry_run_on_a_database_without_audit_tables_finds_nothing_done(make_spec, tmp_path, capsys, backend):
+    """A new, empty database (a real run would create the tables in it) is 'nothing done', not an error."""
+    from contextlib import nullcontext
+
+    from tests.pg import fresh_database
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with fresh_database() if backend == "postgres" else nullcontext(f"sqlite:///{empty}") as url:
+        spec = make_spec([{"prompt_id": "a", "prompt": "a mug"}], database=url)
+        assert main(["run", spec, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "to generate 1, already done 0" in out and "audit database: none yet" in out, out
+        assert main(["run", spec, "--quiet"]) == 0  # and a real run sets the database up itself
+        capsys.readouterr()
+        assert main(["run", spec, "--dry-run"]) == 0
+        assert "to generate 0, already done 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
 def test_in_memory_sqlite_is_refused_before_anything_runs(make_spec, tmp_path, capsys, url):
     assert main(["run", make_spec([{"prompt_id": "a", "prompt": "a mug"}], database=url)]) == 2

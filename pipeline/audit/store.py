@@ -107,6 +107,10 @@ class AuditStoreError(GenpipeError):
     """The audit DB cannot be reached or used; the message names the URL (never its password)."""
 
 
+class EmptyAuditDatabase(AuditStoreError):
+    """Opened without migrating, the database has no audit tables yet (a run would create them)."""
+
+
 def safe_url(url: str | URL) -> str:
     """The URL with its password masked, for messages and logs."""
     if isinstance(url, URL):
@@ -268,7 +272,8 @@ class AuditStore:
             raise AuditStoreError(f"cannot open audit DB {self.safe_url}: {reason}") from None
         except (migrations.MigrationError, AuditStoreError) as exc:
             self.engine.dispose()
-            raise AuditStoreError(f"audit DB {self.safe_url}: {exc}") from None
+            error = EmptyAuditDatabase if isinstance(exc, EmptyAuditDatabase) else AuditStoreError
+            raise error(f"audit DB {self.safe_url}: {exc}") from None
         log.info("audit store: %s", self.safe_url)
 
     def __repr__(self) -> str:
@@ -312,7 +317,7 @@ class AuditStore:
             return
         migrations.check_known(self.revision_found)
         if not migrate:
-            raise AuditStoreError(
+            raise (EmptyAuditDatabase if self.revision_found is None else AuditStoreError)(
                 f"the database is {migrations.describe(self.revision_found)}, not at schema revision {head}; "
                 f"run `genpipe audit migrate --db URL` first"
             )
