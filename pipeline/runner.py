@@ -199,7 +199,9 @@ class _Planner:
         for item in chunk:
             old = existing.get(item.item_id)
             if item.status in ("rejected", "blocked"):  # terminal before generation: recorded, never planned
-                if old is None or old.status != item.status:
+                # Recorded again when it says something else now: a rejected row's id is its position, and an
+                # edited manifest can put another bad row (or another reason) there.
+                if old is None or _terminal_view(old) != _terminal_view(item):
                     new_rejected.append(item)
                     self.summary_counts[f"{item.status}_now"] += 1
                 continue
@@ -490,6 +492,11 @@ def _write_summary(storage: Storage, summary: RunSummary) -> None:
         storage.write_atomic("summary.md", f"# Run summary\n\n```\n{summary.render()}\n```\n".encode())
     except Exception as exc:  # the summary is a convenience copy; the DB row is the record
         print(f"genpipe: warning: could not write the run summary: {exc}", file=sys.stderr)
+
+
+def _terminal_view(item: Item) -> tuple:
+    """What a rejected or blocked record says: rerecorded when any of it changes."""
+    return (item.status, item.prompt_id, item.prompt, json.dumps(item.reasons, sort_keys=True, default=str))
 
 
 class _PlanningThread:

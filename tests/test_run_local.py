@@ -255,3 +255,21 @@ def test_a_database_error_at_the_end_of_a_failing_run_does_not_mask_its_error(ma
     monkeypatch.undo()
     rerun = run_job(load_spec(make_spec(ROWS[:3], database=_db(tmp_path))), quiet=True)  # the lease is free
     assert rerun.status == "succeeded" and rerun.generated_now == rerun.items_total > 0
+
+
+def test_a_rejected_row_is_recorded_again_when_the_edited_manifest_says_something_else(make_spec, tmp_path):
+    # A rejected row's id is its position (its prompt id may be missing or unsafe): a rerun with another bad row
+    # there must not leave the first row's record standing for it.
+    db = _db(tmp_path)
+    run_job(load_spec(make_spec([{"prompt_id": "a", "prompt": "   "}], database=db)), quiet=True)
+    edited = make_spec([{"prompt_id": "../../x", "prompt": "a mug"}], database=db)
+    summary = run_job(load_spec(edited), quiet=True)
+    assert summary.rejected_now == 1
+    store = AuditStore(db)
+    try:
+        [record] = store.iter_items("test-job")
+        assert (record.prompt_id, record.prompt) == ("../../x", "a mug")
+        assert [r["code"] for r in record.reasons] == ["invalid_row"] and "prompt_id" in record.reasons[0]["message"]
+    finally:
+        store.dispose()
+    assert run_job(load_spec(edited), quiet=True).rejected_now == 0  # the same manifest again: nothing new
