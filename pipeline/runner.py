@@ -360,6 +360,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
 
         def sink(items: list[Item]) -> None:
             nonlocal preload
+            lease.check()  # taken over by another run: record nothing more
             if preload:  # the bias report's plotting library, imported while the job generates (after the models
                 preload = False  # have loaded: imports hold the GIL, and a model load is mostly Python too)
                 preload_in_background()
@@ -378,6 +379,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         summary.regenerated_now = _regenerate_flagged(spec, stages, store, storage, planner, sink, progress)
         progress.finish()
         gen_elapsed = time.monotonic() - gen_start
+        lease.check()  # the post-run steps below (orphans, ranking, reports) are the lease holder's alone
         storage.delete(PLAN_PREFIX)
         summary.generated_now, summary.failed_now = outcome["generated"], outcome["failed"]
         summary.images_per_s = outcome["generated"] / gen_elapsed if outcome["generated"] else 0.0

@@ -168,6 +168,43 @@ def test_a_dead_holders_lease_does_not_block_a_rerun(make_spec, tmp_path):
         store.dispose()
 
 
+def test_a_run_whose_lease_was_taken_over_stops_and_records_nothing_more(make_spec, tmp_path, monkeypatch):
+    from sqlalchemy import update
+
+    from pipeline.audit import lease
+    from pipeline.audit.schema import LeaseRow
+
+    monkeypatch.setattr(lease, "DEFAULT_TTL_S", 0.3)  # heartbeat every 0.1 s
+    real_write_items = AuditStore.write_items
+    writes: list[int] = []
+
+    def write_items(self, items, run_id):
+        real_write_items(self, items, run_id)
+        writes.append(len(items))
+        if len(writes) == 1:  # after the first batch: the lease "expired" and another run took the job over
+            self._write(
+                "take over",
+                lambda conn: conn.execute(update(LeaseRow).values(holder="another-run", expires_at=time.time() + 3600)),
+            )
+            time.sleep(1.0)  # a few heartbeats: this run notices
+
+    monkeypatch.setattr(AuditStore, "write_items", write_items)
+    db = f"sqlite:///{tmp_path}/audit.db"
+    path = make_spec(ROWS, database=db, resources={"batch_size": 4})
+    with pytest.raises(lease.LeaseLost, match="another run took the job over"):
+        run_job(load_spec(path), quiet=True)
+    store = AuditStore(db)
+    try:
+        assert writes == [4]  # nothing recorded after the takeover was seen
+        assert store.counts("test-job") == {"generated": 4}
+        assert store.runs("test-job")[-1]["status"] == "failed"
+        # the other run's lease is left alone: release deletes only this run's own row
+        with pytest.raises(lease.JobAlreadyRunning):
+            lease.JobLease(store, "test-job").acquire()
+    finally:
+        store.dispose()
+
+
 def test_permanent_item_failures_are_recorded_and_the_error_budget_decides(make_spec, tmp_path):
     from pipeline.errors import JobFailed
 

@@ -25,6 +25,10 @@ class JobAlreadyRunning(GenpipeError):
     """Another live run holds the job's lease."""
 
 
+class LeaseLost(GenpipeError):
+    """This run's lease expired and another run of the job took it over: this run stops."""
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -36,8 +40,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class JobLease:
-    def __init__(self, store, job: str, ttl_s: float = DEFAULT_TTL_S) -> None:
-        self.store, self.job, self.ttl_s = store, job, ttl_s
+    def __init__(self, store, job: str, ttl_s: float | None = None) -> None:
+        self.store, self.job, self.ttl_s = store, job, ttl_s or DEFAULT_TTL_S
         self.holder = uuid.uuid4().hex
         self.host, self.pid = socket.gethostname(), os.getpid()
         self._stop = threading.Event()
@@ -85,10 +89,19 @@ class JobLease:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 if not self._renew():
-                    self.lost = True  # taken over after it expired: the run goes on, idempotent writes keep it safe
+                    self.lost = True  # taken over after it expired: check() stops the run at its next step
                     return
             except Exception:  # a DB hiccup: try again next beat; the TTL leaves room for two misses
                 continue
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` once another run has taken the job over: its first step deletes this run's plan
+        and quarantines images without records, so this one must not go on writing."""
+        if self.lost:
+            raise LeaseLost(
+                f"job {self.job}: this run's lease expired (no renewal for {self.ttl_s:g} s) and another run took "
+                "the job over; this run stops here. What it recorded stays; the other run resumes the rest."
+            )
 
     def release(self) -> None:
         self._stop.set()
