@@ -92,9 +92,9 @@ HOOK_TARGETS = [
     ("pipeline.runner", "write_shard", "shard_write"),  # pipeline.executors.shards.write_shard
     ("pipeline.storage.Storage", "delete", "plan:delete_shards"),
     # The ``genpipe-source`` thread: each step of iter_batches reads one record batch of a shard (Arrow IPC) into
-    # items; nested in it, each step of _PlanningThread.keys is the wait for the planner's next shard.
+    # items; nested in it, each step of _PlanningThread.waves is the wait for the planner's next shard.
     ("pipeline.runner", "iter_batches", "shard_read"),  # pipeline.executors.shards.iter_batches
-    ("pipeline.runner._PlanningThread", "keys", "plan_wait"),
+    ("pipeline.runner._PlanningThread", "waves", "plan_wait"),
     ("pipeline.runner", "shard_rows", "shard_read:rows"),  # regeneration rounds
     ("pipeline.runner", "shard_batches", "shard_read:count"),  # Ray: the work units, in the driver
     ("pipeline.executors.ray_data", "items_from_table", "ray:to_items"),

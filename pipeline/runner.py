@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from pipeline.audit import AuditStore, write_chain_anchor
@@ -374,7 +375,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         stages = build_stages(spec)
         planner = _Planner(spec, family, store, storage, run_id, progress)
         with _PlanningThread(planner) as planning:  # plan while execution starts
-            _execute(spec, stages, storage, planning.keys(), sink)
+            _execute(spec, stages, storage, planning, sink)
         _plan_counts(summary, planner)
         summary.regenerated_now = _regenerate_flagged(spec, stages, store, storage, planner, sink, progress)
         progress.finish()
@@ -461,7 +462,7 @@ def _regenerate_flagged(spec, stages, store, storage, planner, sink, progress) -
         planned = sum(shard_rows(storage, key) for key in shards)
         if not planned:
             break
-        _execute(spec, stages, storage, shards, sink)
+        _execute(spec, stages, storage, _KnownShards(shards), sink)
         total += planned
     return total
 
@@ -502,16 +503,19 @@ def _terminal_view(item: Item) -> tuple:
 
 
 class _PlanningThread:
-    """Runs the planner in a thread while execution starts: ``keys()`` yields each shard key as soon as it is
-    written, and raises the planner's error after the shards before it. The local executor generates from the
-    first shard on; the Ray executor starts Ray and checks the cluster meanwhile (Ray Data needs its whole input
-    list when it starts). Leaving the ``with`` block stops planning at the next row and waits for the thread."""
+    """Runs the planner in a thread while execution starts, and hands its shard keys to the executor as they are
+    written: ``waves()`` yields, each time it is asked, every key written since (at least one; it waits for
+    one), then raises the planner's error, if any, after the shards before it. The local executor takes them
+    one by one and generates from the first shard on; the Ray executor runs one Ray Data execution per wave (a
+    dataset needs its whole input list when it starts). Leaving the ``with`` block stops planning at the next
+    row and waits for the thread."""
 
     def __init__(self, planner: _Planner) -> None:
         self.planner = planner
         self._keys: queue.Queue = queue.Queue()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._plan, name="genpipe-planner", daemon=True)
+        self._head: list[str | None] = []  # a key (or the end marker) taken by has_work(), not yet handed out
 
     def __enter__(self) -> _PlanningThread:
         self.planner.on_shard = self._put
@@ -523,9 +527,40 @@ class _PlanningThread:
         self._thread.join()
         self.planner.on_shard = None
 
-    def keys(self) -> Iterator[str]:
-        while (key := self._keys.get()) is not None:
-            yield key
+    def has_work(self) -> bool:
+        """Wait for the first shard: True once one is written, False when planning ended without any."""
+        if not self._head:
+            self._head.append(self._keys.get())
+        return self._head[0] is not None
+
+    def waves(self, grow: bool = False) -> Iterator[list[str]]:
+        """Each wave: the keys written so far, at least one (waiting for it). With ``grow``, a wave also waits
+        until it holds as many keys as all the waves before it together, or planning has ended: the work done
+        doubles with each wave, so a run makes at most ~log2(shards) waves however the planner and the executor
+        race (each Ray wave starts its actors again)."""
+        want, given, end = 1, 0, False
+        while not end:
+            wave: list[str] = []
+            while len(wave) < want:  # waiting
+                key = self._head.pop() if self._head else self._keys.get()
+                if key is None:
+                    end = True
+                    break
+                wave.append(key)
+            while not end:  # and every key already written: no waiting
+                try:
+                    key = self._keys.get_nowait()
+                except queue.Empty:
+                    break
+                if key is None:
+                    end = True
+                else:
+                    wave.append(key)
+            if wave:
+                yield wave
+            given += len(wave)
+            if grow:
+                want = given
         if self._failure is not None:
             raise self._failure
 
@@ -545,29 +580,47 @@ class _PlanningThread:
             self._keys.put(None)
 
 
+class _KnownShards:
+    """A complete list of shard keys (the regeneration pass) in the shape ``_execute`` takes: one wave."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def has_work(self) -> bool:
+        return bool(self.keys)
+
+    def waves(self, grow: bool = False) -> Iterator[list[str]]:
+        if self.keys:
+            yield self.keys
+
+
 class _PlanningStopped(Exception):
     """Raised inside the planner thread when execution has ended early (an error): stop planning."""
 
 
-def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: Iterable[str], sink) -> None:
-    """Run the stages over ``shards``, which may still be being planned: the local executor starts on the first
-    shard; the Ray executor starts Ray and checks the cluster once there is a first shard, then takes the
-    complete list."""
+def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: _PlanningThread | _KnownShards,
+             sink) -> None:  # fmt: skip
+    """Run the stages over ``shards``, which may still be being planned. The local executor starts on the first
+    shard. The Ray executor starts Ray and checks the cluster once there is a first shard, then runs the shards
+    planned by then, and the ones planned meanwhile after that, each wave as big as all before it together
+    (each wave loads its actors' models again: on a big manifest that costs a model load or two and saves the
+    planning time; a plan complete before Ray is up, the common case, is one wave)."""
     if spec.executor == "local":
         from pipeline.executors.local import run_local
 
-        run_local(stages, iter_batches(storage, shards), sink)
+        run_local(stages, iter_batches(storage, itertools.chain.from_iterable(shards.waves())), sink)
         return
     from pipeline.executors.ray_data import init_ray, run_ray
 
-    keys = iter(shards)
-    first = next(keys, None)  # nothing to generate (a finished job's rerun): no Ray at all
-    if first is None:
+    if not shards.has_work():  # nothing to generate (a finished job's rerun): no Ray at all
+        for _ in shards.waves():  # (raises the planner's error, if that is why)
+            pass
         return
     init_ray()
     _precheck_cluster(spec)
-    batches = [(key, i) for key in (first, *keys) for i in range(shard_batches(storage, key))]  # the whole plan
-    run_ray(stages, batches, storage, spec.resources.batch_size, sink)
+    for wave in shards.waves(grow=True):
+        batches = [(key, i) for key in wave for i in range(shard_batches(storage, key))]
+        run_ray(stages, batches, storage, spec.resources.batch_size, sink)
 
 
 def _precheck_cluster(spec: JobSpec) -> None:

@@ -78,34 +78,38 @@ def test_demo_job_from_the_cli_and_its_rerun(tmp_path):
 
 
 def test_ray_starts_while_the_plan_is_still_being_written(ray_local, make_spec, tmp_path, monkeypatch):
-    """Ray Data needs the whole plan, but Ray's start and the cluster check need not wait for it: the planner
-    only writes its last shard once the executor has started Ray (else this waits, and fails)."""
+    """Ray's start and the cluster check do not wait for the plan, and neither does generation: the shards planned
+    by the time Ray is up run as a first wave while the planner goes on; the rest follow as a second. Here the
+    planner writes its last shard only once the first wave has started (else this waits, and fails)."""
     import threading
 
     from pipeline import runner
     from pipeline.executors import ray_data
 
     monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
-    started = threading.Event()
+    first_wave = threading.Event()
     waited: list[bool] = []
-    original_init, original_flush = ray_data.init_ray, runner._Planner._flush_shard
+    waves: list[int] = []
+    original_run, original_flush = ray_data.run_ray, runner._Planner._flush_shard
 
-    def init_ray(*args, **kwargs):
-        original_init(*args, **kwargs)
-        started.set()
+    def run_ray(stages, batches, *args, **kwargs):
+        waves.append(len(batches))
+        first_wave.set()
+        original_run(stages, batches, *args, **kwargs)
 
     def flush_shard(self):
         if len(self.shards) == 2 and self._pending:  # the third and last shard
-            waited.append(started.wait(timeout=60))
+            waited.append(first_wave.wait(timeout=120))
         original_flush(self)
 
-    monkeypatch.setattr(ray_data, "init_ray", init_ray)
+    monkeypatch.setattr(ray_data, "run_ray", run_ray)
     monkeypatch.setattr(runner._Planner, "_flush_shard", flush_shard)
     db = f"sqlite:///{tmp_path}/audit.db"
     path = make_spec(ROWS[:10], executor="ray", database=db, resources={"cpus_per_actor": 0.5, "batch_size": 2})
     summary = run_job(load_spec(path), quiet=True)
-    assert waited == [True] and summary.counts == {"generated": 10}
-    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 10)
+    # shards of 4, 4 and 2 items in batches of 2: the first two shards (4 batches), then the last (1 batch)
+    assert waited == [True] and waves == [4, 1] and summary.counts == {"generated": 10}
+    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 10)  # each item once
 
 
 def test_a_planning_error_ends_the_ray_run_and_is_raised(ray_local, make_spec, tmp_path, plan_fails_after_one_shard):
@@ -114,6 +118,6 @@ def test_a_planning_error_ends_the_ray_run_and_is_raised(ray_local, make_spec, t
     with pytest.raises(OSError, match="plan storage is full"):
         run_job(load_spec(path), quiet=True)
     store = AuditStore(db)
-    # Ray runs only a complete plan: nothing was generated, and the run is recorded as failed.
-    assert store.counts("test-job").get("generated", 0) == 0 and store.runs("test-job")[-1]["status"] == "failed"
+    # The shard planned before the error ran (as on the local executor); then the error; the run is failed.
+    assert store.counts("test-job") == {"generated": 4} and store.runs("test-job")[-1]["status"] == "failed"
     store.dispose()
