@@ -86,7 +86,7 @@ HOOK_TARGETS = [
     ("pipeline.audit.store.AuditStore", "iter_records", "db:iter_items"),
     ("pipeline.audit.store.AuditStore", "counts", "db:counts"),
     ("pipeline.audit.store.AuditStore", "write_items", "db_write"),
-    # Planning: local runs plan in the ``genpipe-planner`` thread while the stages execute; Ray plans first.
+    # Planning runs in the ``genpipe-planner`` thread while the stages execute (local) or Ray starts and runs waves.
     ("pipeline.runner._Planner", "run", "plan"),
     ("pipeline.runner._Planner", "plan_items", "plan:regenerate"),
     ("pipeline.runner", "write_shard", "shard_write"),  # pipeline.executors.shards.write_shard
@@ -95,6 +95,8 @@ HOOK_TARGETS = [
     # items; nested in it, each step of _PlanningThread.waves is the wait for the planner's next shard.
     ("pipeline.runner", "iter_batches", "shard_read"),  # pipeline.executors.shards.iter_batches
     ("pipeline.runner._PlanningThread", "waves", "plan_wait"),
+    ("pipeline.runner._PlanningThread", "has_work", "plan_wait"),  # Ray: the driver waiting for a first shard
+    ("pipeline.runner._PlanningThread", "settle", "plan_wait"),  # Ray: ... and for a nearly finished plan
     ("pipeline.runner", "shard_rows", "shard_read:rows"),  # regeneration rounds
     ("pipeline.runner", "shard_batches", "shard_read:count"),  # Ray: the work units, in the driver
     ("pipeline.executors.ray_data", "items_from_table", "ray:to_items"),

@@ -502,6 +502,10 @@ def _terminal_view(item: Item) -> tuple:
     return (item.status, item.prompt_id, item.prompt, json.dumps(item.reasons, sort_keys=True, default=str))
 
 
+#: How long a Ray run, once Ray is up, waits for a plan that is still being written before it starts a first wave.
+RAY_PLAN_GRACE_S = float(os.environ.get("GENPIPE_RAY_PLAN_GRACE_S", "10"))
+
+
 class _PlanningThread:
     """Runs the planner in a thread while execution starts, and hands its shard keys to the executor as they are
     written: ``waves()`` yields, each time it is asked, every key written since (at least one; it waits for
@@ -516,6 +520,8 @@ class _PlanningThread:
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._plan, name="genpipe-planner", daemon=True)
         self._head: list[str | None] = []  # a key (or the end marker) taken by has_work(), not yet handed out
+        self._ended = False  # the end marker has been taken: nothing more will come
+        self._planned = threading.Event()  # the planner thread is done (finished, failed or stopped)
 
     def __enter__(self) -> _PlanningThread:
         self.planner.on_shard = self._put
@@ -529,22 +535,29 @@ class _PlanningThread:
 
     def has_work(self) -> bool:
         """Wait for the first shard: True once one is written, False when planning ended without any."""
+        if self._ended:
+            return False
         if not self._head:
             self._head.append(self._keys.get())
         return self._head[0] is not None
+
+    def settle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the planner to finish; True if it has. (A Ray run gives a nearly finished
+        plan this long, rather than start a second wave — and load every model again — for its last shards.)"""
+        return self._planned.wait(timeout_s)
 
     def waves(self, grow: bool = False) -> Iterator[list[str]]:
         """Each wave: the keys written so far, at least one (waiting for it). With ``grow``, a wave also waits
         until it holds as many keys as all the waves before it together, or planning has ended: the work done
         doubles with each wave, so a run makes at most ~log2(shards) waves however the planner and the executor
         race (each Ray wave starts its actors again)."""
-        want, given, end = 1, 0, False
+        want, given, end = 1, 0, self._ended
         while not end:
             wave: list[str] = []
             while len(wave) < want:  # waiting
                 key = self._head.pop() if self._head else self._keys.get()
                 if key is None:
-                    end = True
+                    end = self._ended = True
                     break
                 wave.append(key)
             while not end:  # and every key already written: no waiting
@@ -553,7 +566,7 @@ class _PlanningThread:
                 except queue.Empty:
                     break
                 if key is None:
-                    end = True
+                    end = self._ended = True
                 else:
                     wave.append(key)
             if wave:
@@ -578,6 +591,7 @@ class _PlanningThread:
             self._failure = exc
         finally:
             self._keys.put(None)
+            self._planned.set()
 
 
 class _KnownShards:
@@ -588,6 +602,9 @@ class _KnownShards:
 
     def has_work(self) -> bool:
         return bool(self.keys)
+
+    def settle(self, timeout_s: float) -> bool:
+        return True
 
     def waves(self, grow: bool = False) -> Iterator[list[str]]:
         if self.keys:
@@ -618,6 +635,7 @@ def _execute(spec: JobSpec, stages: list[Stage], storage: Storage, shards: _Plan
         return
     init_ray()
     _precheck_cluster(spec)
+    shards.settle(RAY_PLAN_GRACE_S)
     for wave in shards.waves(grow=True):
         batches = [(key, i) for key in wave for i in range(shard_batches(storage, key))]
         run_ray(stages, batches, storage, spec.resources.batch_size, sink)

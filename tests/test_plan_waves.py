@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -80,3 +81,37 @@ def test_no_shard_at_all_is_no_work_and_still_raises_the_planners_error():
         list(feed.waves())
     assert not _KnownShards([]).has_work() and list(_KnownShards([]).waves()) == []
     assert list(_KnownShards(["x", "y"]).waves(grow=True)) == [["x", "y"]]
+
+
+@pytest.mark.parametrize(("grace_s", "waves"), [(5.0, [["a", "b"]]), (0.0, [["a"], ["b"]])])
+def test_ray_gives_a_nearly_finished_plan_a_grace_period_instead_of_a_second_wave(monkeypatch, grace_s, waves):
+    from pipeline import runner
+    from pipeline.executors import ray_data
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(ray_data, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "_precheck_cluster", lambda spec: None)
+    monkeypatch.setattr(runner, "shard_batches", lambda storage, key: 1)
+    monkeypatch.setattr(ray_data, "run_ray", lambda stages, batches, *a: calls.append([k for k, _ in batches]))
+    monkeypatch.setattr(runner, "RAY_PLAN_GRACE_S", grace_s)
+    feed = _feed()
+    feed._keys.put("a")
+
+    def planner_finishes():  # the last shard, 0.3 s after Ray is up
+        time.sleep(0.3)
+        feed._keys.put("b")
+        feed._keys.put(None)
+        feed._planned.set()
+
+    threading.Thread(target=planner_finishes, daemon=True).start()
+    spec = SimpleNamespace(executor="ray", resources=SimpleNamespace(batch_size=2))
+    runner._execute(spec, [], None, feed, sink=lambda items: None)
+    assert calls == waves
+
+
+def test_after_the_end_nothing_waits():
+    feed = _feed()
+    feed._keys.put("a")
+    feed._keys.put(None)
+    assert list(feed.waves()) == [["a"]]
+    assert not feed.has_work() and list(feed.waves()) == []  # the end marker is gone: it must not block

@@ -87,6 +87,7 @@ def test_ray_starts_while_the_plan_is_still_being_written(ray_local, make_spec, 
     from pipeline.executors import ray_data
 
     monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 4)
+    monkeypatch.setattr(runner, "RAY_PLAN_GRACE_S", 0.5)  # (the planner here waits for the first wave)
     first_wave = threading.Event()
     waited: list[bool] = []
     waves: list[int] = []
