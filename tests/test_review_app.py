@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from sqlalchemy import func, select
 
 from pipeline.audit import AuditStore
+from pipeline.audit.reviews import ReviewError
 from pipeline.audit.schema import EventRow, ItemRow
 from pipeline.review import create_app
 from pipeline.storage import Storage
@@ -361,6 +362,52 @@ def test_review_rules(env: Env) -> None:
                                                    "csrf_token": csrf_of(admin)}, headers=HTML)  # fmt: skip
     assert "approve recorded for 1 item(s) by root" in r.text
     assert env.store.effective_decision(gift) == "approved"
+
+
+def test_admins_have_the_last_word(env: Env) -> None:
+    """A reviewer may neither approve an image the policy blocked nor overturn an admin's ruling; an admin may."""
+    store, swim, gift, hat = env.store, env.id("swim"), env.id("gift"), env.id("hat")
+    with pytest.raises(ReviewError, match="blocked by the policy: only an admin may approve"):
+        store.record_review([swim], "approve", "alice", "false_positive")
+    with pytest.raises(ReviewError, match="blocked by the policy"):  # not through a bulk action either
+        store.record_review([hat, swim], "approve", "alice", "false_positive")
+    assert reviews(store, hat) == []  # all or nothing
+    store.record_review([swim], "reject", "alice", "nsfw")  # stricter than the policy: fine
+    store.record_review([gift], "reject", "root", "legal_risk")  # the admin rules on the escalated item
+    with pytest.raises(ReviewError, match="escalated or decided by an admin"):
+        store.record_review([gift], "approve", "alice", "false_positive")
+    assert store.effective_decision(gift) == "rejected"
+    store.record_review([hat], "approve", "root", "false_positive")  # an admin's decision, never escalated
+    with pytest.raises(ReviewError, match="decided by an admin"):
+        store.record_review([hat], "reject", "alice", "off_brand")
+    store.record_review([gift], "comment", "alice", None, "the logo is ours, see ticket 12")  # comments still go
+    store.record_review([swim], "approve", "root", "false_positive")
+    assert store.effective_decision(swim) == "approved" and store.effective_decision(hat) == "approved"
+
+
+def test_a_password_change_signs_every_session_out(env: Env) -> None:
+    c = env.client
+    sign_in(c)
+    stolen = dict(c.cookies)
+    assert c.get("/", headers=HTML, follow_redirects=False).status_code == 200
+    env.store.update_reviewer("alice", password="a-new-secret-pw")
+    assert c.get("/", headers=HTML, follow_redirects=False).status_code == 303
+    other = TestClient(c.app, cookies=stolen)
+    r = other.post(f"/items/{env.id('hat')}/review", data={"action": "reject", "reason_code": "off_brand"})
+    assert r.status_code == 401 and reviews(env.store, env.id("hat")) == []
+    PASSWORDS["alice"], old = "a-new-secret-pw", PASSWORDS["alice"]
+    try:
+        sign_in(c)  # the new password works, and its session holds
+        assert c.get("/", headers=HTML, follow_redirects=False).status_code == 200
+    finally:
+        PASSWORDS["alice"] = old
+
+
+@pytest.mark.parametrize("query", ["page=%C2%B2", "per_page=%C2%B2", "page=%C2%B9", "page=" + "9" * 400])
+def test_odd_page_numbers_are_a_clear_400_not_a_crash(env: Env, query: str) -> None:
+    sign_in(env.client)
+    r = env.client.get(f"/api/queue?{query}")
+    assert r.status_code == 400 and "is not allowed" in r.text, r.text[:300]
 
 
 def test_item_page_shows_everything_and_the_history(env: Env) -> None:

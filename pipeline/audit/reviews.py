@@ -9,7 +9,9 @@ copy to drift or to edit: an item's *effective decision* is computed from the ch
     the latest approve / reject / escalate of the item  →  approved / rejected / escalated
     none                                                →  the pipeline's decision (pass / review / block)
 
-Escalated items wait for an admin: only an admin may approve or reject them. Publishable = pass or approved.
+Admins have the last word: once an item has been escalated, or an admin has decided it, only an admin may approve
+or reject it; and only an admin may approve an image the policy blocked (quarantined). Publishable = pass or
+approved.
 Reviewer accounts are current-state rows; adding one and changing its role or disabled flag are events too
 (password and token hashes never enter the log).
 """
@@ -266,7 +268,7 @@ def record_review(
         who = _reviewer_row(conn, reviewer)
         if who is None or who["disabled"]:
             raise ReviewError(f"reviewer {reviewer!r} does not exist or is disabled")
-        items, latest = _items_and_latest_decisions(conn, ids)
+        items, latest, admin_only = _items_and_latest_decisions(conn, ids)
         missing = [i for i in ids if i not in items]
         if missing:
             raise ReviewError(f"no item with id {', '.join(map(repr, missing[:5]))}" + (" ..." if missing[5:] else ""))
@@ -277,8 +279,12 @@ def record_review(
             if action != "comment":
                 if item["status"] != "generated":
                     raise ReviewError(f"item {item_id} is {item['status']}, not generated: no image to {action}")
-                if before and before[0] == "review_escalate" and action != "escalate" and who["role"] != "admin":
-                    raise ReviewError(f"item {item_id} is escalated: only an admin may {action} it")
+                if who["role"] != "admin" and action in ("approve", "reject"):
+                    if item_id in admin_only:
+                        raise ReviewError(f"item {item_id} is escalated or decided by an admin: only an admin may "
+                                          f"{action} it")  # fmt: skip
+                    if action == "approve" and item["decision"] == "block":
+                        raise ReviewError(f"item {item_id} was blocked by the policy: only an admin may approve it")
             target = supersedes if supersedes is not None else (before[1] if before and action != "comment" else None)
             if supersedes is not None:
                 _check_supersedes(conn, supersedes, item_id)
@@ -300,22 +306,27 @@ def record_review(
     return store._write("record_review", tx)
 
 
-def _items_and_latest_decisions(conn: Connection, ids: list[str]) -> tuple[dict[str, Any], dict[str, tuple]]:
+def _items_and_latest_decisions(conn: Connection, ids: list[str]) -> tuple[dict[str, Any], dict[str, tuple], set[str]]:
+    """The items; each one's latest decision event (kind, seq); and the ids only an admin may decide now (escalated
+    at some point, or decided by an admin: the role recorded in the event, as it was then)."""
     items: dict[str, Any] = {}
     latest: dict[str, tuple[str, int]] = {}
+    admin_only: set[str] = set()
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
-        query = select(_items.c.item_id, _items.c.job, _items.c.status, _items.c.image_sha256.label("sha"))
+        query = select(_items.c.item_id, _items.c.job, _items.c.status, _items.c.decision,
+                       _items.c.image_sha256.label("sha"))  # fmt: skip
         for row in conn.execute(query.where(_items.c.item_id.in_(chunk))).mappings():
             items[row["item_id"]] = row
-        last = (
-            select(func.max(_events.c.seq))
-            .where(_events.c.kind.in_(DECISION_KINDS), _events.c.item_id.in_(chunk))
-            .group_by(_events.c.item_id)
+        decisions = select(_events.c.item_id, _events.c.kind, _events.c.seq, _events.c.payload).where(
+            _events.c.kind.in_(DECISION_KINDS), _events.c.item_id.in_(chunk)
         )
-        rows = conn.execute(select(_events.c.item_id, _events.c.kind, _events.c.seq).where(_events.c.seq.in_(last)))
-        latest.update({row.item_id: (row.kind, row.seq) for row in rows})
-    return items, latest
+        for row in conn.execute(decisions):
+            if row.item_id not in latest or row.seq > latest[row.item_id][1]:
+                latest[row.item_id] = (row.kind, row.seq)
+            if row.kind == "review_escalate" or json.loads(row.payload).get("role") == "admin":
+                admin_only.add(row.item_id)
+    return items, latest, admin_only
 
 
 def _check_supersedes(conn: Connection, seq: int, item_id: str) -> None:

@@ -50,6 +50,7 @@ from pipeline.review.auth import (
     csrf_ok,
     csrf_token,
     current_reviewer,
+    password_stamp,
     sign_in,
     sign_out,
 )
@@ -280,7 +281,11 @@ def create_app(
             throttle.failed(client)
             error = "Wrong name or password."
             return render(request, "login.html", None, 401, next=_safe_next(next_path), error=error, name=name)
-        sign_in(request, row)
+        stamp = await run_in_threadpool(password_stamp, store, row["id"])
+        if stamp is None:  # disabled between the two reads
+            return render(request, "login.html", None, 401, next=_safe_next(next_path), error="Wrong name or password.",
+                          name=name)  # fmt: skip
+        sign_in(request, row, stamp)
         return RedirectResponse(_safe_next(next_path), status_code=303)
 
     @app.post("/logout")

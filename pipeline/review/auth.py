@@ -13,6 +13,7 @@ themselves, so a forged cross-site request cannot carry it.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import threading
@@ -43,10 +44,24 @@ class Reviewer:
 
 
 def _enabled(store: Any, reviewer_id: int) -> dict[str, Any] | None:
-    query = select(_reviewers.c.id, _reviewers.c.name, _reviewers.c.role, _reviewers.c.disabled)
+    query = select(_reviewers.c.id, _reviewers.c.name, _reviewers.c.role, _reviewers.c.disabled,
+                   _reviewers.c.password_hash)  # fmt: skip
     with store.engine.connect() as conn:
         row = conn.execute(query.where(_reviewers.c.id == reviewer_id)).mappings().first()
-    return dict(row) if row is not None and not row["disabled"] else None
+    if row is None or row["disabled"]:
+        return None
+    return {**{k: row[k] for k in ("id", "name", "role", "disabled")}, "stamp": _stamp(row["password_hash"])}
+
+
+def _stamp(password_hash: str | None) -> str:
+    """Changes with the password: a session carries the stamp of the password it signed in with, so changing a
+    reviewer's password ends every session signed in before (the way to sign a stolen cookie out)."""
+    return hashlib.sha256(f"genpipe-session:{password_hash or ''}".encode()).hexdigest()[:16]
+
+
+def password_stamp(store: Any, reviewer_id: int) -> str | None:
+    row = _enabled(store, reviewer_id)
+    return row["stamp"] if row is not None else None
 
 
 def bearer_token(request: Request) -> str | None:
@@ -60,8 +75,8 @@ def current_reviewer(request: Request, store: Any, session_ttl: int) -> Reviewer
     """The authenticated reviewer of this request (cached on it), or None.
 
     A request with an ``Authorization: Bearer`` header is judged by that token alone (a bad token is not
-    rescued by a cookie). A session older than ``session_ttl`` seconds, or whose reviewer was disabled or
-    removed, is cleared.
+    rescued by a cookie). A session older than ``session_ttl`` seconds, whose reviewer was disabled or removed,
+    or whose reviewer's password changed since it signed in, is cleared.
     """
     if hasattr(request.state, "reviewer"):
         return request.state.reviewer
@@ -76,7 +91,7 @@ def current_reviewer(request: Request, store: Any, session_ttl: int) -> Reviewer
         rid, signed_in = session.get("rid"), session.get("iat")
         if isinstance(rid, int) and isinstance(signed_in, int | float):
             row = _enabled(store, rid) if time.time() - signed_in < session_ttl else None
-            if row is not None and row["name"] == session.get("name"):
+            if row is not None and row["name"] == session.get("name") and row["stamp"] == session.get("pwv"):
                 who = Reviewer(row["id"], row["name"], row["role"], via="session")
             else:
                 session.clear()  # expired, disabled or gone: the browser must sign in again
@@ -84,10 +99,11 @@ def current_reviewer(request: Request, store: Any, session_ttl: int) -> Reviewer
     return who
 
 
-def sign_in(request: Request, row: dict[str, Any]) -> None:
-    """Start a fresh session for ``row`` (a new CSRF token too: nothing from before sign-in carries over)."""
+def sign_in(request: Request, row: dict[str, Any], stamp: str) -> None:
+    """Start a fresh session for ``row`` (a new CSRF token too: nothing from before sign-in carries over);
+    ``stamp``: ``password_stamp`` of the reviewer now."""
     request.session.clear()
-    request.session.update({"rid": row["id"], "name": row["name"], "iat": int(time.time())})
+    request.session.update({"rid": row["id"], "name": row["name"], "iat": int(time.time()), "pwv": stamp})
     new_csrf_token(request)
 
 

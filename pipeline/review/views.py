@@ -100,7 +100,7 @@ class QueueParams:
         for name, ok in (("per_page", lambda n: n in PAGE_SIZES), ("page", lambda n: 1 <= n <= 1_000_000)):
             if name in p.raw:
                 text = p.raw[name]
-                if text.isdigit() and ok(int(text)):
+                if text.isascii() and text.isdigit() and len(text) <= 9 and ok(int(text)):  # not "²", not 10**5000
                     setattr(p, name, int(text))
                 else:
                     p.errors.append(f"{name.replace('_', ' ')}: {text!r} is not allowed")
