@@ -66,6 +66,12 @@ def load_spec_data(path: str) -> dict[str, Any]:
         raise SpecError(f"spec {path}: no such file") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"spec {path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    except UnicodeDecodeError:
+        raise SpecError(f"spec {path}: not a text file (a YAML spec is UTF-8 text; is this the manifest?)") from None
+    except IsADirectoryError:
+        raise SpecError(f"spec {path}: is a directory, not a YAML file") from None
+    except (OSError, ValueError) as exc:  # fsspec: unknown protocol, unreachable store, permissions
+        raise SpecError(f"spec {path}: cannot read: {type(exc).__name__}: {exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -20,7 +20,7 @@ from pipeline.errors import ManifestError
 from pipeline.identity import derived_seed, item_id, rejected_item_id
 from pipeline.storage import open_input
 from schemas.limits import LIMITS
-from schemas.manifest import ManifestRow, parse_row
+from schemas.manifest import UNREADABLE, ManifestRow, parse_row
 from schemas.record import Item
 from schemas.spec import JobSpec
 
@@ -44,13 +44,16 @@ def read_rows(url: str, batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[int
         except (pa.ArrowException, OSError) as exc:
             raise ManifestError(f"manifest {url}: not a readable Parquet file (corrupt or truncated?): {exc}") from None
         names = pf.schema_arrow.names
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # a row is a dict: all but the last column of a name would vanish without a word
+            raise ManifestError(f"manifest {url}: column name(s) used more than once: {', '.join(repeated)}")
         if "prompt_id" not in names or "prompt" not in names:
             missing = [c for c in ("prompt_id", "prompt") if c not in names]
             raise ManifestError(f"manifest {url}: missing required column(s) {', '.join(missing)}; has {names}")
         row_number = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_rows):
-                for raw in batch.to_pylist():
+                for raw in _python_rows(batch):
                     row_number += 1
                     yield row_number, raw
         except (pa.ArrowException, OSError) as exc:
@@ -59,6 +62,34 @@ def read_rows(url: str, batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[int
             ) from None
     finally:
         f.close()
+
+
+def _python_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """The batch's rows as dicts. A cell Python cannot hold (a timestamp past year 9999, say) makes its row carry
+    the problem under ``UNREADABLE`` (the row is rejected, naming the column) instead of failing the manifest."""
+    try:
+        return batch.to_pylist()
+    except (ValueError, OverflowError, pa.ArrowException):
+        pass
+    columns = []
+    for column in batch.columns:
+        try:
+            columns.append(column.to_pylist())
+        except (ValueError, OverflowError, pa.ArrowException):
+            columns.append(None)  # converted cell by cell below
+    rows: list[dict[str, Any]] = []
+    for i in range(batch.num_rows):
+        row: dict[str, Any] = {}
+        for name, values, column in zip(batch.schema.names, columns, batch.columns, strict=True):
+            if values is not None:
+                row[name] = values[i]
+                continue
+            try:
+                row[name] = column[i].as_py()
+            except (ValueError, OverflowError, pa.ArrowException) as exc:
+                row.setdefault(UNREADABLE, []).append(f"{name}: cannot be read: {exc}")
+        rows.append(row)
+    return rows
 
 
 def manifest_row_count(url: str) -> int | None:

@@ -65,7 +65,7 @@ class ManifestRow(BaseModel):
     @field_validator("prompt_id")
     @classmethod
     def _prompt_id(cls, v: str) -> str:
-        if not PROMPT_ID_RE.match(v) or v in {".", ".."}:
+        if not PROMPT_ID_RE.fullmatch(v) or v in {".", ".."}:
             raise ValueError(f"must be 1-128 characters of [A-Za-z0-9._-] and not '.' or '..', got {v[:80]!r}")
         return v
 
@@ -109,6 +109,20 @@ def _problems(err: ValidationError) -> list[str]:
     return out
 
 
+#: A raw row's key for the problems of cells that could not be read (e.g. a timestamp past year 9999).
+UNREADABLE = "\x00unreadable"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
 def parse_row(raw: dict[str, Any], allowed_overrides: tuple[str, ...] = OVERRIDE_COLUMNS) -> ManifestRow | list[str]:
     """Validate one raw row (column → Python value). Returns the row, or a list of problems."""
     problems: list[str] = []
@@ -122,9 +136,12 @@ def parse_row(raw: dict[str, Any], allowed_overrides: tuple[str, ...] = OVERRIDE
                 problems.append(f"{key}: this job's spec does not allow rows to override it")
                 continue
             data[key] = value
+        elif key == UNREADABLE:
+            problems.extend(value)  # cells the reader could not convert (see pipeline.manifest.read_rows)
         else:
-            # JSON has no NaN; a missing value in a pass-through column is recorded as null.
-            metadata[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+            # JSON has no NaN; a missing value in a pass-through column is recorded as null, also inside lists
+            # and structs.
+            metadata[key] = _json_safe(value)
     for key, value in raw.items():
         # Control characters have no place in prompts or labels, and NUL cannot be stored in PostgreSQL.
         if isinstance(value, str) and "\x00" in value:

@@ -174,7 +174,7 @@ class TrainSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not JOB_NAME_RE.match(v) or v in {".", ".."}:
+        if not JOB_NAME_RE.fullmatch(v) or v in {".", ".."}:
             raise ValueError("must be 1-64 characters of [A-Za-z0-9._-] and not '.' or '..'")
         return v
 

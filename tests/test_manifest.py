@@ -40,6 +40,7 @@ def _spec(**kw):
         ({"prompt_id": "", "prompt": "x"}, "prompt_id: must be 1-128 characters"),
         ({"prompt_id": "..", "prompt": "x"}, "prompt_id: must be 1-128 characters"),
         ({"prompt_id": "a" * 129, "prompt": "x"}, "prompt_id: must be 1-128 characters"),
+        ({"prompt_id": "p1\n", "prompt": "x"}, "prompt_id: must be 1-128 characters"),  # "$" matches before \n
         ({"prompt_id": "p", "prompt": "x", "seed": -1}, "seed: Input should be greater than or equal to 0"),
         ({"prompt_id": "p", "prompt": "x", "seed": 2**63}, "seed: Input should be less than or equal to"),
         ({"prompt_id": "p", "prompt": "x", "seed": math.nan}, "seed: Value error, seed must be a finite integer"),
@@ -194,3 +195,31 @@ def test_duplicate_prompt_id_names_the_first_row_after_many_rows(monkeypatch):
         assert not planner.plan_row(row, {"prompt_id": f"p{row}", "prompt": "a mug"}).problems
     outcome = planner.plan_row(101, {"prompt_id": "p7", "prompt": "again"})
     assert outcome.problems == ["prompt_id: duplicate of row 7 (prompt_id 'p7')"]
+
+
+def test_nan_inside_a_list_or_struct_column_is_recorded_as_null(tmp_path):
+    # JSON has no NaN: a nested one used to fail the audit write after the images were stored.
+    table = pa.table({"prompt_id": ["p1", "p2"], "prompt": ["a red mug", "a blue cup"],
+                      "dims": pa.array([[1.0, math.nan], [2.0]], pa.list_(pa.float64())),
+                      "box": pa.array([{"w": math.inf, "h": 2.0}, {"w": 1.0, "h": 1.0}])})  # fmt: skip
+    pq.write_table(table, tmp_path / "m.parquet")
+    rows = [parse_row(raw) for _, raw in read_rows(str(tmp_path / "m.parquet"))]
+    assert rows[0].metadata == {"dims": [1.0, None], "box": {"w": None, "h": 2.0}}
+    assert rows[1].metadata == {"dims": [2.0], "box": {"w": 1.0, "h": 1.0}}
+
+
+def test_a_cell_python_cannot_hold_rejects_its_row_only(tmp_path):
+    far = pa.array([0, 300_000_000_000_000], pa.timestamp("ms"))  # the second one is past year 9999
+    table = pa.table({"prompt_id": ["p1", "p2"], "prompt": ["a red mug", "a blue cup"], "launch": far})
+    pq.write_table(table, tmp_path / "m.parquet")
+    rows = [parse_row(raw) for _, raw in read_rows(str(tmp_path / "m.parquet"))]
+    assert rows[0].prompt_id == "p1" and rows[0].metadata["launch"].year == 1970
+    assert isinstance(rows[1], list) and rows[1][0].startswith("launch: cannot be read:"), rows[1]
+
+
+def test_a_column_name_used_twice_is_an_error_naming_it(tmp_path):
+    table = pa.Table.from_arrays([pa.array(["p1", "p2"]), pa.array(["a mug", "a cup"]), pa.array(["p9", "p9"])],
+                                 names=["prompt_id", "prompt", "prompt_id"])  # fmt: skip
+    pq.write_table(table, tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match="column name\\(s\\) used more than once: prompt_id"):
+        list(read_rows(str(tmp_path / "m.parquet")))

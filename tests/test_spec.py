@@ -102,6 +102,17 @@ def test_spec_file_errors(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="top level must be a mapping"):
         load_spec(str(listy))
+    manifest = tmp_path / "m.parquet"  # a common slip: the manifest given as the spec
+    manifest.write_bytes(b"PAR1\x15\x04\x15\xff\xfe\x00PAR1")
+    with pytest.raises(SpecError, match="not a text file"):
+        load_spec(str(manifest))
+    with pytest.raises(SpecError, match="is a directory"):
+        load_spec(str(tmp_path))
+    with pytest.raises(SpecError, match="cannot read: ValueError: Protocol not known"):
+        load_spec("nosuchproto://bucket/spec.yaml")
+    assert _problems({**BASE, "name": "job\n"}) == [  # "$" would match before a final newline
+        "name: must be 1-64 characters of [A-Za-z0-9._-] and not '.' or '..'"
+    ]
 
 
 def test_database_required_for_remote_output():

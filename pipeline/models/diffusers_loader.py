@@ -41,7 +41,7 @@ def is_local(model_id: str) -> bool:
     """Local directory (or meant to be one) rather than an HF hub id."""
     if model_id.startswith(("/", "./", "../", "~", "file://")) or Path(model_id).expanduser().exists():
         return True
-    return not _HF_ID_RE.match(model_id)
+    return not _HF_ID_RE.fullmatch(model_id)
 
 
 def resolve_model(model: ModelSpec) -> str:

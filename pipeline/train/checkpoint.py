@@ -38,7 +38,7 @@ def checkpoint_steps(store: Storage) -> list[int]:
     steps = []
     for key in store.walk(PREFIX):
         parts = key.split("/")
-        if len(parts) == 3 and parts[2] == STATE_FILE and (m := _STEP_RE.match(parts[1])):
+        if len(parts) == 3 and parts[2] == STATE_FILE and (m := _STEP_RE.fullmatch(parts[1])):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
