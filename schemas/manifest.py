@@ -109,6 +109,8 @@ def _problems(err: ValidationError) -> list[str]:
     return out
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
 #: A raw row's key for the problems of cells that could not be read (e.g. a timestamp past year 9999).
 UNREADABLE = "\x00unreadable"
 
@@ -143,9 +145,12 @@ def parse_row(raw: dict[str, Any], allowed_overrides: tuple[str, ...] = OVERRIDE
             # and structs.
             metadata[key] = _json_safe(value)
     for key, value in raw.items():
-        # Control characters have no place in prompts or labels, and NUL cannot be stored in PostgreSQL.
-        if isinstance(value, str) and "\x00" in value:
-            problems.append(f"{key}: contains a NUL character")
+        # Control characters have no place in prompts or labels (an ANSI escape would rewrite a reviewer's
+        # terminal), and NUL cannot be stored in PostgreSQL. Tabs and line breaks are text.
+        if isinstance(value, str) and (bad := _CONTROL.search(value)):
+            char = bad.group()
+            problems.append(f"{key}: contains a NUL character" if char == "\x00" else
+                            f"{key}: contains the control character U+{ord(char):04X}")  # fmt: skip
             data.pop(key, None)
             metadata.pop(key, None)
     for required in ("prompt_id", "prompt"):

@@ -59,6 +59,8 @@ def _spec(**kw):
         ({"prompt_id": "p", "prompt": "x", "tags": "a,b"}, "tags: must be a list of strings"),
         ({"prompt_id": "p", "prompt": "a\x00b"}, "prompt: contains a NUL character"),
         ({"prompt_id": "p\x00", "prompt": "x"}, "prompt_id: contains a NUL character"),
+        ({"prompt_id": "p", "prompt": "a \x1b[2Jmug"}, "prompt: contains the control character U+001B"),
+        ({"prompt_id": "p", "prompt": "x", "campaign": "spring\x7f"}, "campaign: contains the control character"),
     ],
 )
 def test_bad_rows_are_rejected_with_a_reason(row, reason):
@@ -72,6 +74,11 @@ def test_bad_rows_are_rejected_with_a_reason(row, reason):
     assert len(outcome.items) == 2 and all(it.status == "rejected" for it in outcome.items)
     assert all(it.reasons and it.reasons[0]["code"] == "invalid_row" for it in outcome.items)
     assert len({it.item_id for it in outcome.items}) == 2
+
+
+def test_tabs_and_line_breaks_are_text():
+    row = parse_row({"prompt_id": "p", "prompt": "a mug,\tred\r\non a table"})
+    assert not isinstance(row, list) and row.prompt == "a mug,\tred\r\non a table"
 
 
 def test_good_row_with_overrides_and_pass_through_columns():
