@@ -576,3 +576,29 @@ def test_pagination_and_a_bulk_review_of_a_whole_page(env: Env) -> None:
     assert "approve recorded for 25 item(s)" in c.post("/bulk", data=form, headers=HTML).text
     left = c.get("/", params={"job": "many", "per_page": "25"}, headers=HTML).text
     assert 'id="total">5 items' in left
+
+
+def test_sign_in_throttle_counts_per_account_and_address() -> None:
+    from pipeline.review.auth import SignInThrottle
+
+    t = SignInThrottle(limit=3, window=60.0, client_limit=5)
+    for _ in range(3):
+        t.failed("10.0.0.1", "ghost")
+    assert t.blocked("10.0.0.1", "ghost") and t.blocked("10.0.0.1", " GHOST ")  # the same account
+    assert not t.blocked("10.0.0.1", "alice")  # a colleague behind the same proxy still signs in
+    assert not t.blocked("10.0.0.2", "ghost")
+    for name in ("a", "b"):  # spraying: the address as a whole is refused past client_limit
+        t.failed("10.0.0.1", name)
+    assert t.blocked("10.0.0.1", "alice") and not t.blocked("10.0.0.2", "alice")
+
+
+def test_failed_sign_ins_for_one_account_do_not_lock_out_another(env: Env) -> None:
+    c = env.client
+    token = csrf_of(c, "/login")
+    for _ in range(20):  # the per-account limit, all from the test client's one address
+        r = c.post("/login", data={"name": "ghost", "password": "guess", "csrf_token": token}, headers=HTML)
+        assert r.status_code == 401
+    r = c.post("/login", data={"name": "ghost", "password": "guess", "csrf_token": token}, headers=HTML)
+    assert r.status_code == 429 and "Too many failed sign-ins" in r.text
+    sign_in(c)  # alice, from the same address
+    assert c.get("/", headers=HTML, follow_redirects=False).status_code == 200

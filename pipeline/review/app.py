@@ -271,14 +271,14 @@ def create_app(
             error = "Your sign-in form expired; please try again."
             return render(request, "login.html", None, 403, next=_safe_next(next_path), error=error, name=name)
         client = request.client.host if request.client else "unknown"
-        if throttle.blocked(client):
+        if throttle.blocked(client, name):
             error = "Too many failed sign-ins; wait a few minutes."
             return render(request, "login.html", None, 429, next=_safe_next(next_path), error=error, name=name)
         row = None
         if name and password and len(name) <= 64 and len(password) <= 1024:
             row = await run_in_threadpool(store.authenticate, name, password)
         if row is None:
-            throttle.failed(client)
+            throttle.failed(client, name)
             error = "Wrong name or password."
             return render(request, "login.html", None, 401, next=_safe_next(next_path), error=error, name=name)
         stamp = await run_in_threadpool(password_stamp, store, row["id"])

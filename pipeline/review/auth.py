@@ -130,10 +130,14 @@ def csrf_ok(request: Request, submitted: Any) -> bool:
 
 
 class SignInThrottle:
-    """At most ``limit`` failed sign-ins per client address per ``window`` seconds (in memory, per process)."""
+    """Failed sign-ins, counted per account and client address (``limit`` per ``window`` seconds: guessing one
+    reviewer's password) and per address alone (``client_limit``: spraying many accounts). Everyone behind one
+    proxy shares an address, so a few users' typos must not lock the others out: the address alone is only
+    refused at ten times the per-account limit. In memory, per process."""
 
-    def __init__(self, limit: int = 20, window: float = 300.0) -> None:
+    def __init__(self, limit: int = 20, window: float = 300.0, client_limit: int | None = None) -> None:
         self.limit, self.window = limit, window
+        self.client_limit = client_limit if client_limit is not None else 10 * limit
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -143,13 +147,21 @@ class SignInThrottle:
             failures.popleft()
         return failures
 
-    def blocked(self, key: str) -> bool:
-        with self._lock:
-            return len(self._recent(key, time.monotonic())) >= self.limit
+    @staticmethod
+    def _keys(client: str, name: str) -> tuple[str, str]:
+        return f"{client}\x00{name.strip().casefold()}", client
 
-    def failed(self, key: str) -> None:
+    def blocked(self, client: str, name: str = "") -> bool:
+        account, address = self._keys(client, name)
         with self._lock:
             now = time.monotonic()
-            self._recent(key, now).append(now)
+            return (len(self._recent(account, now)) >= self.limit
+                    or len(self._recent(address, now)) >= self.client_limit)  # fmt: skip
+
+    def failed(self, client: str, name: str = "") -> None:
+        with self._lock:
+            now = time.monotonic()
+            for key in self._keys(client, name):
+                self._recent(key, now).append(now)
             if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
                 self._failures = {k: v for k, v in self._failures.items() if v and now - v[-1] <= self.window}
