@@ -163,6 +163,7 @@ def unet_flops_cached(model_path: str, dtype: str, width: int, height: int, guid
     import diffusers
     import torch
 
+    from benchmarks.common import update_json
     from pipeline.models.tiny import cache_root
 
     weights = sorted((Path(model_path) / "unet").glob("*.safetensors"))
@@ -177,11 +178,7 @@ def unet_flops_cached(model_path: str, dtype: str, width: int, height: int, guid
     if key in known:
         return known[key]
     counted = unet_flops_per_image_step(model_path, dtype, width, height, guidance, device)
-    known[key] = counted
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(known, indent=1) + "\n")
-    os.replace(tmp, path)
+    update_json(str(path), {key: counted})  # merged atomically, beside other models' counts
     return counted
 
 
