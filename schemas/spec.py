@@ -1,15 +1,26 @@
 """The job spec: one YAML file that says what to generate, how, where it goes and what it may use.
 
 Every model here forbids unknown keys, so a typo fails validation naming the key path instead of being
-silently ignored. Defaults run on a 2-core laptop with the tiny offline model.
+silently ignored, and takes values as YAML typed them: `steps: true`, `width: "64"` and `steps: 20.5` are
+errors, never 1, 64 and 20 (a manifest row with those values is rejected too). Defaults run on a 2-core laptop
+with the tiny offline model.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from schemas.limits import LIMITS, SAMPLER_NAMES
 
@@ -22,7 +33,17 @@ OverridableColumn = Literal[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion between types (a bool is not an int, a string is not a number); an int is a float.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _listed(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+_T = TypeVar("_T")
+#: A YAML list, kept as an immutable tuple (strict mode takes only tuples as tuples; YAML has lists).
+Items = Annotated[tuple[_T, ...], BeforeValidator(_listed)]
 
 
 class LoraSpec(_Strict):
@@ -51,7 +72,7 @@ class ModelSpec(_Strict):
         description="Denoiser family for sampler checks: `unet` (SD 1.x/2.x/SDXL, epsilon/v), `flow` (SD3, FLUX). "
         "`auto` reads the pipeline class from the model's model_index.json.",
     )
-    lora: tuple[LoraSpec, ...] = Field((), description="LoRA adapters, applied with their scales.")
+    lora: Items[LoraSpec] = Field((), description="LoRA adapters, applied with their scales.")
 
 
 def _known_sampler(name: str) -> str:
@@ -150,7 +171,7 @@ class SafetyCheckerSpec(_Strict):
 class NsfwSpec(_Strict):
     """Which NSFW classifiers run, their thresholds, and how their verdicts combine."""
 
-    classifiers: tuple[NsfwClassifierName, ...] = Field(
+    classifiers: Items[NsfwClassifierName] = Field(
         ("open_nsfw",), min_length=1, description="Classifiers run on every image; `nsfw` is the max of their scores."
     )
     cascade: Literal["any", "all_to_block"] = Field(
@@ -184,7 +205,7 @@ class AlignmentSpec(_Strict):
 class BiasSpec(_Strict):
     """Zero-shot CLIP probes for perceived attributes, and the set-level bias report's flags."""
 
-    attributes: tuple[BiasAttribute, ...] = Field(
+    attributes: Items[BiasAttribute] = Field(
         ("person", "gender", "skin_tone", "age"), description="Attributes measured; empty turns the bias head off."
     )
     person_threshold: Probability = Field(
@@ -241,7 +262,7 @@ class PolicySpec(_Strict):
     regenerate_tries: int = Field(
         0, ge=0, le=5, description="Regenerate a flagged image up to this many times, each with a new derived seed."
     )
-    regenerate_on: tuple[Literal["review", "block"], ...] = Field(
+    regenerate_on: Items[Literal["review", "block"]] = Field(
         ("block",), description="Decisions that trigger regeneration (never a `scorer_error` review)."
     )
     on_scorer_error: Literal["review"] = Field(
@@ -285,7 +306,7 @@ class JobSpec(_Strict):
     scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="Scoring stages.")
     policy: PolicySpec = Field(default_factory=PolicySpec, description="Failure handling.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Actors, GPUs, batch size.")
-    row_overrides: tuple[OverridableColumn, ...] = Field(
+    row_overrides: Items[OverridableColumn] = Field(
         ("negative_prompt", "seed", "num_images", "width", "height", "steps", "guidance_scale", "sampler", "lora"),
         description="Manifest columns allowed to override the spec per row; a row using another is rejected.",
     )

@@ -1,7 +1,8 @@
 """The training spec: one YAML file that says which base model to adapt with LoRA, on which captioned images, how,
 and where the adapter goes (``genpipe train-lora SPEC``).
 
-Like the job spec, every model here forbids unknown keys, so a typo fails validation naming the key path.
+Like the job spec, every model here forbids unknown keys, so a typo fails validation naming the key path, and
+takes values as YAML typed them (`steps: true` is an error, not 1).
 Defaults train the tiny offline model on CPU; a real run names an SD 1.x/2.x model and a GPU per worker.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from schemas.limits import LIMITS, SAMPLER_NAMES
-from schemas.spec import JOB_NAME_RE, ClipSpec, SamplerName
+from schemas.spec import JOB_NAME_RE, ClipSpec, Items, SamplerName, _Strict
 
 #: Fewer usable training samples than this (after skipping unreadable images / empty captions and holding out
 #: the evaluation samples) is an error: a LoRA fitted to a handful of images only memorises them.
@@ -22,10 +23,6 @@ DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=LIMITS.max_prompt_chars)]
 #: diffusers' ``get_scheduler`` names.
 LrSchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BaseModelSpec(_Strict):
@@ -79,7 +76,7 @@ class LoraTrainSpec(_Strict):
     alpha: float | None = Field(None, gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha / r. "
                                 "Default: the rank (scale 1).")  # fmt: skip
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")
-    target_modules: tuple[str, ...] = Field(
+    target_modules: Items[str] = Field(
         DEFAULT_TARGET_MODULES,
         min_length=1,
         description="Layer names inside the denoiser's attention blocks; an unknown name fails before training, "
@@ -123,7 +120,7 @@ class EvaluationSpec(_Strict):
         4, ge=0, le=1000, description="Samples held out of training: their captions prompt the comparison and "
         "their images give the validation loss."
     )  # fmt: skip
-    prompts: tuple[Prompt, ...] = Field((), description="Extra prompts generated with and without the adapter.")
+    prompts: Items[Prompt] = Field((), description="Extra prompts generated with and without the adapter.")
     sampler: SamplerName = Field("euler", description=f"One of: {', '.join(SAMPLER_NAMES)}.")
     steps: int = Field(20, ge=1, le=LIMITS.max_steps, description="Denoising steps per evaluation image.")
     guidance_scale: float = Field(7.5, ge=0.0, le=LIMITS.max_guidance, description="Classifier-free guidance.")

@@ -51,6 +51,41 @@ def test_bad_spec_names_the_key(patch, expected):
     assert any(p.startswith(expected) for p in problems), problems
 
 
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        # YAML types are taken as written: a spec is never "corrected" into something its author did not write.
+        ({"sampler": {"steps": True}}, "sampler.steps: Input should be a valid integer"),
+        ({"sampler": {"steps": 20.5}}, "sampler.steps: Input should be a valid integer"),
+        ({"image": {"width": "64"}}, "image.width: Input should be a valid integer"),
+        ({"sampler": {"guidance_scale": "7.5"}}, "sampler.guidance_scale: Input should be a valid number"),
+        ({"sampler": {"guidance_scale": False}}, "sampler.guidance_scale: Input should be a valid number"),
+        ({"scoring": {"enabled": "no"}}, "scoring.enabled: Input should be a valid boolean"),
+        ({"scoring": {"enabled": 0}}, "scoring.enabled: Input should be a valid boolean"),
+        ({"model": {"lora": [{"path": "/x", "scale": "1"}]}}, "model.lora.0.scale: Input should be a valid number"),
+        ({"name": 2027}, "name: Input should be a valid string"),
+        ({"row_overrides": "seed"}, "row_overrides: Input should be a valid tuple"),
+    ],
+)
+def test_values_are_not_coerced_across_types(patch, expected):
+    problems = _problems({**BASE, **patch})
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_yaml_lists_and_ints_for_floats_are_accepted(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: j\nmanifest: m.parquet\noutput: out\nsampler: {guidance_scale: 7}\n"
+        "scoring: {bias: {attributes: [person, age]}, nsfw: {classifiers: [open_nsfw]}}\n"
+        "policy: {regenerate_on: [review]}\nrow_overrides: [seed]\n"
+    )
+    spec = load_spec(str(path))
+    assert spec.sampler.guidance_scale == 7.0 and isinstance(spec.sampler.guidance_scale, float)
+    assert spec.scoring.bias.attributes == ("person", "age") and spec.scoring.nsfw.classifiers == ("open_nsfw",)
+    assert spec.policy.regenerate_on == ("review",) and spec.row_overrides == ("seed",)
+    assert JobSpec.model_validate(spec.model_dump()) == spec  # a dumped spec validates back to itself
+
+
 def test_unknown_sampler_lists_valid_names():
     problems = _problems({**BASE, "sampler": {"name": "nope"}})
     for name in SAMPLER_NAMES:

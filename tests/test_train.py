@@ -257,6 +257,8 @@ def test_a_base_model_that_is_not_safetensors_fails_fast(tiny_models, tmp_path):
         ({"resolution": 30}, "resolution: Input should be a multiple of 8"),
         ({"lora_rank": 4}, "lora_rank: unknown key"),
         ({"evaluation": {"sampler": "nope"}}, "evaluation.sampler: unknown sampler 'nope'"),
+        ({"max_steps": True}, "max_steps: Input should be a valid integer"),
+        ({"lora": {"rank": "4"}}, "lora.rank: Input should be a valid integer"),
     ],
 )
 def test_spec_problems_name_the_key(tmp_path, override, message):
