@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestError
 from pipeline.identity import derived_seed, item_id, rejected_item_id
+from pipeline.models.lora_sources import LoraSources
 from pipeline.storage import open_input
 from schemas.limits import LIMITS
 from schemas.manifest import UNREADABLE, ManifestRow, parse_row
@@ -168,6 +169,7 @@ class ManifestPlanner:
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
+        self._lora_sources = LoraSources(spec.model)
         # prompt_id → row number of its first occurrence: the one thing that grows with the manifest (~24 bytes
         # a row); everything else streams.
         self._first_seen = SeenIds()
@@ -178,6 +180,8 @@ class ManifestPlanner:
         shown_id = raw_id if isinstance(raw_id, str) else repr(raw_id)
         if isinstance(parsed, list):
             return self._reject(row_number, raw, shown_id, parsed)
+        if parsed.lora and (bad := [f"lora: {p}" for lo in parsed.lora if (p := self._lora_sources.problem(lo.path))]):
+            return self._reject(row_number, raw, shown_id, bad)
         first = self._first_seen.setdefault(parsed.prompt_id, row_number)
         if first != row_number:
             return self._reject(

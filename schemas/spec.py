@@ -73,6 +73,11 @@ class ModelSpec(_Strict):
         "`auto` reads the pipeline class from the model's model_index.json.",
     )
     lora: Items[LoraSpec] = Field((), description="LoRA adapters, applied with their scales.")
+    row_lora_sources: Items[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        (),
+        description="Where a manifest row's `lora` may load adapters from: local folders or fsspec URL prefixes "
+        "(`s3://brand/lora/`). A row adapter anywhere else is rejected; empty: rows may use only `lora`'s adapters.",
+    )
 
 
 def _known_sampler(name: str) -> str:

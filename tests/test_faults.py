@@ -211,8 +211,9 @@ def test_permanent_item_failures_are_recorded_and_the_error_budget_decides(make_
     rows = [{"prompt_id": f"ok-{i}", "prompt": f"a lamp {i}"} for i in range(3)]
     rows.append({"prompt_id": "broken", "prompt": "a lamp in a missing style", "lora": str(tmp_path / "no-such")})
     db = f"sqlite:///{tmp_path}/audit.db"
+    allowed = {"row_lora_sources": [str(tmp_path)]}
     with pytest.raises(JobFailed, match=r"1 of 4 items failed, over policy.max_failure_fraction=0.0"):
-        run_job(load_spec(make_spec(rows, database=db, sampler={"steps": 2})), quiet=True)
+        run_job(load_spec(make_spec(rows, database=db, sampler={"steps": 2}, model=allowed)), quiet=True)
     store = AuditStore(db)
     try:
         items = {it.prompt_id: it for it in store.iter_items("test-job")}
@@ -224,6 +225,6 @@ def test_permanent_item_failures_are_recorded_and_the_error_budget_decides(make_
     assert all(items[f"ok-{i}"].status == "generated" for i in range(3))  # the job went on
     assert runs[-1]["status"] == "failed"
     # Within budget the same job succeeds (the rerun retries the failed item, which fails again).
-    summary = run_job(load_spec(make_spec(rows, database=db, sampler={"steps": 2},
+    summary = run_job(load_spec(make_spec(rows, database=db, sampler={"steps": 2}, model=allowed,
                                           policy={"max_failure_fraction": 0.5})), quiet=True)  # fmt: skip
     assert summary.status == "succeeded" and summary.failed_now == 1 and summary.counts["failed"] == 1

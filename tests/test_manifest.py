@@ -130,6 +130,50 @@ def test_row_override_not_allowed_by_spec_is_rejected():
     assert outcome.problems == ["steps: this job's spec does not allow rows to override it"]
 
 
+def _lora_problems(spec, *paths: str) -> list[str]:
+    return ManifestPlanner(spec).plan_row(1, {**GOOD, "lora": [{"path": p} for p in paths]}).problems
+
+
+def test_row_adapters_come_only_from_the_spec_or_its_row_lora_sources(tmp_path):
+    approved, other = tmp_path / "approved", tmp_path / "approved-but-not"
+    for folder in (approved / "brand", other):
+        folder.mkdir(parents=True)
+    (approved / "link-out").symlink_to(other)
+    own = str(tmp_path / "spec-own")
+    spec = _spec(model={"lora": [{"path": own}], "row_lora_sources": [str(approved), "s3://brand/lora/"]})
+    for ok in (own, str(approved / "brand"), str(approved), f"file://{approved}/brand",
+               "s3://brand/lora/spring-v2", "S3://brand/lora/x"):  # fmt: skip
+        assert _lora_problems(spec, ok) == [], ok
+    outside = {
+        str(other): "is neither one of the spec's adapters",  # a sibling whose name starts like the folder's
+        str(approved / "brand" / ".." / ".." / "approved-but-not"): "is neither",  # .. resolves out of it
+        str(approved / "link-out"): "is neither",  # a symlink inside pointing out
+        "/etc/passwd": "is neither",
+        "s3://brand/lora-other/x": "is neither",
+        "s3://brand/lorax": "is neither",
+        "http://169.254.169.254/latest/meta-data/": "is neither",
+        "s3://brand/lora/../secrets/x": "'.' or '..' segments",
+        "s3://brand/lora/%2e%2e/secrets": "escapes",
+        "s3://brand/lora/x?versionId=1": "a query",
+    }
+    for path, reason in outside.items():
+        problems = _lora_problems(spec, path)
+        assert len(problems) == 1 and problems[0].startswith(f"lora: adapter {path!r}") and reason in problems[0], (
+            path, problems)  # fmt: skip
+    # One bad adapter rejects the row, whatever the others; the row's items are `rejected` records.
+    outcome = ManifestPlanner(spec).plan_row(3, {**GOOD, "lora": [{"path": own}, {"path": "/etc/passwd"}]})
+    assert [it.status for it in outcome.items] == ["rejected", "rejected"]
+    assert outcome.items[0].reasons[0]["field"] == "lora"
+
+
+def test_without_row_lora_sources_rows_may_only_reweigh_the_spec_adapters(tmp_path):
+    own = str(tmp_path / "brand")
+    spec = _spec(model={"lora": [{"path": own, "scale": 1.0}]})
+    outcome = ManifestPlanner(spec).plan_row(1, {**GOOD, "lora": [{"path": own, "scale": 0.4}]})
+    assert outcome.problems == [] and outcome.items[0].lora[0]["scale"] == 0.4
+    assert "(none)" in _lora_problems(spec, str(tmp_path / "other"))[0]
+
+
 def test_read_rows_streams_in_batches(tmp_path):
     rows = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}"} for i in range(2500)]
     path = tmp_path / "m.parquet"
