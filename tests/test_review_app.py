@@ -3,6 +3,7 @@ metacharacters as data, images by item id only, history, job overview, the CLI c
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ from sqlalchemy import func, select
 
 from pipeline.audit import AuditStore
 from pipeline.audit.reviews import ReviewError
-from pipeline.audit.schema import EventRow, ItemRow
+from pipeline.audit.schema import EventRow, ItemRow, ReviewSessionRow
 from pipeline.review import create_app
 from pipeline.storage import Storage
 from schemas.record import Item
@@ -211,9 +212,13 @@ def test_sign_in_and_out(env: Env) -> None:
     assert page.status_code == 200 and '<b id="whoami">alice</b>' in page.text
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert page.headers["cache-control"] == "no-store"
+    copied = c.cookies.get("genpipe_review")
     r = c.post("/logout", data={"csrf_token": CSRF_RE.search(page.text).group(1)}, follow_redirects=False)
     assert r.status_code == 303
     assert c.get("/", follow_redirects=False).status_code == 303
+    # Signing out ends the session on the server: a copy of the cookie taken before is refused too.
+    replay = TestClient(c.app).get("/", headers={"cookie": f"genpipe_review={copied}"}, follow_redirects=False)
+    assert replay.status_code == 303
 
 
 def test_open_redirects_and_tampered_cookies_are_refused(env: Env) -> None:
@@ -401,6 +406,61 @@ def test_a_password_change_signs_every_session_out(env: Env) -> None:
         assert c.get("/", headers=HTML, follow_redirects=False).status_code == 200
     finally:
         PASSWORDS["alice"] = old
+
+
+def session_rows(store: AuditStore) -> list[dict]:
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(ReviewSessionRow.__table__)).mappings()]
+
+
+def test_the_db_keeps_only_a_hash_of_live_sessions(env: Env, monkeypatch) -> None:
+    c = env.client
+    sign_in(c)
+    key = json.loads(base64.b64decode(c.cookies.get("genpipe_review").split(".")[0] + "=="))["sid"]
+    (row,) = session_rows(env.store)
+    assert row["id"] == hashlib.sha256(key.encode()).hexdigest() and key not in json.dumps(row, default=str)
+    assert row["reviewer_id"] == env.store.authenticate("alice", PASSWORDS["alice"])["id"]
+    assert 8 * 3600 - 60 < row["expires_at"] - time.time() <= 8 * 3600
+    # An expired session is refused even while its row is still there, and the next sign-in clears it away.
+    later = time.time() + 8 * 3600 + 1
+    monkeypatch.setattr("pipeline.audit.sessions.time.time", lambda: later)
+    assert c.get("/", follow_redirects=False).status_code == 303
+    other = TestClient(c.app)
+    sign_in(other, "root")
+    root_id = env.store.authenticate("root", PASSWORDS["root"])["id"]
+    assert [r["reviewer_id"] for r in session_rows(env.store)] == [root_id]
+
+
+def test_an_admin_signs_a_reviewer_out_everywhere_and_manages_them_from_the_cli(env: Env, monkeypatch, capsys) -> None:
+    from pipeline.cli import main
+
+    laptop, phone, admin = TestClient(env.client.app), TestClient(env.client.app), TestClient(env.client.app)
+    for client, name in ((laptop, "alice"), (phone, "alice"), (admin, "root")):
+        sign_in(client, name)
+    assert main(["review", "update-reviewer", "--db", env.data.url, "alice", "--sign-out"]) == 0
+    assert "sessions signed out" in capsys.readouterr().out
+    for client, expected in ((laptop, 303), (phone, 303), (admin, 200)):  # only alice's sessions ended
+        assert client.get("/", follow_redirects=False).status_code == expected
+    # A new API token replaces the old one; role and disabled change through the same command.
+    assert main(["audit", "update-reviewer", "--db", env.data.url, "alice", "--rotate-token", "--role", "admin"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert env.store.authenticate_token(env.data.tokens["alice"]) is None
+    assert env.store.authenticate_token(token)["role"] == "admin"
+    sign_in(laptop)
+    alice_id = env.store.authenticate_token(token)["id"]
+    assert alice_id in {r["reviewer_id"] for r in session_rows(env.store)}
+    assert main(["audit", "update-reviewer", "--db", env.data.url, "alice", "--disable"]) == 0
+    assert alice_id not in {r["reviewer_id"] for r in session_rows(env.store)}  # disabling ends the sessions
+    assert laptop.get("/", follow_redirects=False).status_code == 303
+    assert env.store.authenticate("alice", PASSWORDS["alice"]) is None
+    assert main(["audit", "update-reviewer", "--db", env.data.url, "alice", "--enable"]) == 0
+    assert env.store.authenticate("alice", PASSWORDS["alice"])["role"] == "admin"
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["audit", "update-reviewer", "--db", env.data.url, "alice", "--password-stdin"]) == 2
+    assert main(["audit", "update-reviewer", "--db", env.data.url, "alice"]) == 2
+    assert main(["audit", "update-reviewer", "--db", env.data.url, "nobody", "--sign-out"]) == 2
+    err = capsys.readouterr().err
+    assert "the new password is empty" in err and "nothing to change" in err and "no reviewer named 'nobody'" in err
 
 
 @pytest.mark.parametrize("query", ["page=%C2%B2", "per_page=%C2%B2", "page=%C2%B9", "page=" + "9" * 400])

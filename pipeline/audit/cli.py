@@ -221,18 +221,44 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_reviewer_add(args: argparse.Namespace) -> int:
-    password = None
+def _read_password(args: argparse.Namespace) -> str | None:
     if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n") or None
-    elif args.password:
-        password = getpass.getpass(f"password for {args.name}: ") or None
+        return sys.stdin.readline().rstrip("\n") or None
+    if args.password:
+        return getpass.getpass(f"password for {args.name}: ") or None
+    return None
+
+
+def _cmd_reviewer_add(args: argparse.Namespace) -> int:
+    password = _read_password(args)
     store = _open(args.db)
     try:
         token = store.add_reviewer(args.name, args.role, password)
     finally:
         store.dispose()
     print(f"reviewer {args.name} ({args.role}) added; API token (shown once, store it now):\n{token}")
+    return 0
+
+
+def _cmd_reviewer_update(args: argparse.Namespace) -> int:
+    from pipeline.audit.reviews import ReviewError
+
+    password = _read_password(args)
+    if (args.password or args.password_stdin) and password is None:
+        raise ReviewError("the new password is empty")
+    disabled = True if args.disable else False if args.enable else None
+    if args.role is None and disabled is None and password is None and not args.rotate_token and not args.sign_out:
+        raise ReviewError("nothing to change: give --role, --disable, --enable, --password, --rotate-token, --sign-out")
+    store = _open(args.db)
+    try:
+        token = store.update_reviewer(args.name, role=args.role, disabled=disabled, password=password,
+                                      rotate_token=args.rotate_token, end_sessions=args.sign_out)  # fmt: skip
+    finally:
+        store.dispose()
+    print(f"reviewer {args.name} updated" + ("; review-page sessions signed out" if
+          args.sign_out or password is not None or disabled else ""))  # fmt: skip
+    if token is not None:
+        print(f"new API token (shown once, store it now; the old one no longer works):\n{token}")
     return 0
 
 
@@ -244,7 +270,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
     try:
         who = store.authenticate_token(token)
         if who is None:
-            raise ReviewError(f"set {TOKEN_ENV} to a valid reviewer API token (genpipe audit reviewer add)")
+            raise ReviewError(f"set {TOKEN_ENV} to a valid reviewer API token (genpipe audit add-reviewer)")
         seqs = store.record_review(args.item_id, args.action, who["name"], args.reason, args.text, args.supersedes)
     finally:
         store.dispose()
@@ -254,6 +280,34 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
 
 # --- parser ------------------------------------------------------------------------------------------------
+
+
+UPDATE_REVIEWER_HELP = "change a reviewer's role, password or API token, disable or enable them, or sign them out"
+
+
+def reviewer_add_arguments(p: argparse.ArgumentParser) -> None:
+    """``add-reviewer``'s arguments (``genpipe audit`` and ``genpipe review`` both have the command)."""
+    p.add_argument("name")
+    p.add_argument("--role", choices=ROLES, default="reviewer")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--password", action="store_true", help="prompt for a password (for the review page)")
+    group.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
+    p.set_defaults(fn=_cmd_reviewer_add)
+
+
+def reviewer_update_arguments(p: argparse.ArgumentParser) -> None:
+    """``update-reviewer``'s arguments (``genpipe audit`` and ``genpipe review`` both have the command)."""
+    p.add_argument("name")
+    p.add_argument("--role", choices=ROLES)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--disable", action="store_true", help="refuse their sign-ins and token (signs them out)")
+    group.add_argument("--enable", action="store_true", help="allow them again")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--password", action="store_true", help="prompt for a new password (signs them out)")
+    group.add_argument("--password-stdin", action="store_true", help="read the new password from stdin's first line")
+    p.add_argument("--rotate-token", action="store_true", help="issue a new API token; the old one stops working")
+    p.add_argument("--sign-out", action="store_true", help="end every review-page session of theirs (a lost laptop)")
+    p.set_defaults(fn=_cmd_reviewer_update)
 
 
 def register(subparsers: Any) -> None:
@@ -309,12 +363,9 @@ def register(subparsers: Any) -> None:
     p = add("history", _cmd_history, "every event of one item (JSON), oldest first")
     p.add_argument("item_id")
 
-    p = add("add-reviewer", _cmd_reviewer_add, "add a reviewer and print their API token")
-    p.add_argument("name")
-    p.add_argument("--role", choices=ROLES, default="reviewer")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--password", action="store_true", help="prompt for a password (for the review page)")
-    group.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
+    reviewer_add_arguments(add("add-reviewer", _cmd_reviewer_add, "add a reviewer and print their API token"))
+
+    reviewer_update_arguments(add("update-reviewer", _cmd_reviewer_update, UPDATE_REVIEWER_HELP))
 
     p = add("review", _cmd_review, f"record a review as the reviewer whose token is in ${TOKEN_ENV}")
     p.add_argument("action", choices=ACTIONS)

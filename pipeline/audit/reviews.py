@@ -40,6 +40,7 @@ from pipeline.audit.chain import (
     reviewer_payload,
 )
 from pipeline.audit.schema import EventRow, ItemRow, ReviewerRow
+from pipeline.audit.sessions import end_sessions_of
 from pipeline.errors import GenpipeError
 
 if TYPE_CHECKING:
@@ -156,8 +157,11 @@ def update_reviewer(
     disabled: bool | None = None,
     password: str | None = None,
     rotate_token: bool = False,
+    end_sessions: bool = False,
 ) -> str | None:
-    """Change a reviewer's role, disabled flag, password or token; returns the new token when rotated."""
+    """Change a reviewer's role, disabled flag, password or token; returns the new token when rotated.
+
+    A new password, disabling, or ``end_sessions`` signs every review-page session of the reviewer out."""
     if role is not None:
         _check_role(role)
     token = _new_token() if rotate_token else None
@@ -175,6 +179,8 @@ def update_reviewer(
         before = _reviewer_row(conn, name)
         if before is None:
             raise ReviewError(f"no reviewer named {name!r}")
+        if end_sessions or password is not None or disabled:
+            end_sessions_of(conn, before["id"])
         if not values:
             return
         conn.execute(update(_reviewers).where(_reviewers.c.id == before["id"]).values(**values))

@@ -184,6 +184,18 @@ class ReviewerRow(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=utcnow())
 
 
+class ReviewSessionRow(Base):
+    """A signed-in review-page session (``pipeline.audit.sessions``): the sha256 of the key in the browser's
+    cookie. Operational state, not audit history (so not chained): signing out deletes the row."""
+
+    __tablename__ = "review_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("reviewers.id"), index=True)
+    expires_at: Mapped[float] = mapped_column(Float)  # epoch seconds, the review app's clock
+    created_at: Mapped[datetime] = mapped_column(server_default=utcnow())
+
+
 #: ``events.seq`` is the chain position: BIGINT, but INTEGER on SQLite so that it is the rowid itself.
 SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
 

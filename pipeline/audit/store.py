@@ -535,11 +535,12 @@ class AuditStore:
         disabled: bool | None = None,
         password: str | None = None,
         rotate_token: bool = False,
+        end_sessions: bool = False,
     ) -> str | None:
-        """Change a reviewer; returns the new token when ``rotate_token``."""
-        return reviews.update_reviewer(
-            self, name, role=role, disabled=disabled, password=password, rotate_token=rotate_token
-        )
+        """Change a reviewer; returns the new token when ``rotate_token``. A new password, disabling, or
+        ``end_sessions`` signs the reviewer's review-page sessions out."""
+        return reviews.update_reviewer(self, name, role=role, disabled=disabled, password=password,
+                                       rotate_token=rotate_token, end_sessions=end_sessions)  # fmt: skip
 
     def authenticate(self, name: str, password: str) -> dict[str, Any] | None:
         """The enabled reviewer with this name and password (id, name, role, disabled, created_at), else None."""

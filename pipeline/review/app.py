@@ -50,7 +50,6 @@ from pipeline.review.auth import (
     csrf_ok,
     csrf_token,
     current_reviewer,
-    password_stamp,
     sign_in,
     sign_out,
 )
@@ -200,7 +199,7 @@ def create_app(
     # --- who is asking ---------------------------------------------------------------------------------------
 
     def reviewer_or_none(request: Request) -> Reviewer | None:
-        return current_reviewer(request, store, session_ttl)
+        return current_reviewer(request, store)
 
     def page_reviewer(request: Request) -> Reviewer:
         me = reviewer_or_none(request)
@@ -281,16 +280,12 @@ def create_app(
             throttle.failed(client, name)
             error = "Wrong name or password."
             return render(request, "login.html", None, 401, next=_safe_next(next_path), error=error, name=name)
-        stamp = await run_in_threadpool(password_stamp, store, row["id"])
-        if stamp is None:  # disabled between the two reads
-            return render(request, "login.html", None, 401, next=_safe_next(next_path), error="Wrong name or password.",
-                          name=name)  # fmt: skip
-        sign_in(request, row, stamp)
+        await run_in_threadpool(sign_in, request, store, row, session_ttl)
         return RedirectResponse(_safe_next(next_path), status_code=303)
 
     @app.post("/logout")
     def logout(request: Request, me: Reviewer = Depends(form_reviewer)) -> Response:
-        sign_out(request)
+        sign_out(request, store)
         return RedirectResponse("/login", status_code=303)
 
     # --- the queue and items ----------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Who is asking: a reviewer signed in with a session cookie, or one holding an API token; and CSRF tokens.
 
 A browser signs in with name + password and gets a signed session cookie (starlette's SessionMiddleware:
-itsdangerous-signed, HttpOnly, SameSite=Lax) holding the reviewer's id and name, the sign-in time and a CSRF
-token. Scripts send ``Authorization: Bearer <token>`` instead. Either way the reviewer is looked up in the
-audit DB on every request, so disabling an account or changing a role takes effect at once, and the name a
-review is recorded under is always this one, never anything a form or a URL says.
+itsdangerous-signed, HttpOnly, SameSite=Lax) holding a random session key and a CSRF token; the audit DB holds
+the key's hash, its reviewer and its expiry (``pipeline.audit.sessions``), so signing out, a password change,
+disabling the reviewer or an admin's ``genpipe audit update-reviewer NAME --sign-out`` ends the session on the
+server, and a copied cookie stops working with it. Scripts send ``Authorization: Bearer <token>`` instead.
+Either way the reviewer is looked up in the audit DB on every request, so disabling an account or changing a
+role takes effect at once, and the name a review is recorded under is always this one, never anything a form
+or a URL says.
 
 Every state-changing form carries the session's CSRF token (hidden field ``csrf_token``); a POST whose token
 is missing or differs is refused with 403. Bearer requests need none: browsers never attach that header by
@@ -13,7 +16,6 @@ themselves, so a forged cross-site request cannot carry it.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import threading
@@ -22,13 +24,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
 from starlette.requests import Request
 
-from pipeline.audit.schema import ReviewerRow
+from pipeline.audit.sessions import end_session, session_reviewer, start_session
 
 CSRF_FIELD = "csrf_token"
-_reviewers = ReviewerRow.__table__
+SESSION_KEY = "sid"
 
 
 @dataclass(frozen=True)
@@ -43,27 +44,6 @@ class Reviewer:
         return self.role == "admin"
 
 
-def _enabled(store: Any, reviewer_id: int) -> dict[str, Any] | None:
-    query = select(_reviewers.c.id, _reviewers.c.name, _reviewers.c.role, _reviewers.c.disabled,
-                   _reviewers.c.password_hash)  # fmt: skip
-    with store.engine.connect() as conn:
-        row = conn.execute(query.where(_reviewers.c.id == reviewer_id)).mappings().first()
-    if row is None or row["disabled"]:
-        return None
-    return {**{k: row[k] for k in ("id", "name", "role", "disabled")}, "stamp": _stamp(row["password_hash"])}
-
-
-def _stamp(password_hash: str | None) -> str:
-    """Changes with the password: a session carries the stamp of the password it signed in with, so changing a
-    reviewer's password ends every session signed in before (the way to sign a stolen cookie out)."""
-    return hashlib.sha256(f"genpipe-session:{password_hash or ''}".encode()).hexdigest()[:16]
-
-
-def password_stamp(store: Any, reviewer_id: int) -> str | None:
-    row = _enabled(store, reviewer_id)
-    return row["stamp"] if row is not None else None
-
-
 def bearer_token(request: Request) -> str | None:
     """The token of an ``Authorization: Bearer`` header ("" when empty); None without such a header (other
     schemes, e.g. an auth proxy's Basic, are not ours and leave the session in charge)."""
@@ -71,12 +51,12 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def current_reviewer(request: Request, store: Any, session_ttl: int) -> Reviewer | None:
+def current_reviewer(request: Request, store: Any) -> Reviewer | None:
     """The authenticated reviewer of this request (cached on it), or None.
 
     A request with an ``Authorization: Bearer`` header is judged by that token alone (a bad token is not
-    rescued by a cookie). A session older than ``session_ttl`` seconds, whose reviewer was disabled or removed,
-    or whose reviewer's password changed since it signed in, is cleared.
+    rescued by a cookie). A session that expired, was signed out, or whose reviewer was disabled or removed is
+    cleared from the cookie as well.
     """
     if hasattr(request.state, "reviewer"):
         return request.state.reviewer
@@ -86,28 +66,26 @@ def current_reviewer(request: Request, store: Any, session_ttl: int) -> Reviewer
         row = store.authenticate_token(token) if token else None
         if row is not None:
             who = Reviewer(row["id"], row["name"], row["role"], via="token")
-    else:
-        session = request.session
-        rid, signed_in = session.get("rid"), session.get("iat")
-        if isinstance(rid, int) and isinstance(signed_in, int | float):
-            row = _enabled(store, rid) if time.time() - signed_in < session_ttl else None
-            if row is not None and row["name"] == session.get("name") and row["stamp"] == session.get("pwv"):
-                who = Reviewer(row["id"], row["name"], row["role"], via="session")
-            else:
-                session.clear()  # expired, disabled or gone: the browser must sign in again
+    elif SESSION_KEY in request.session:
+        row = session_reviewer(store, request.session[SESSION_KEY])
+        if row is not None:
+            who = Reviewer(row["id"], row["name"], row["role"], via="session")
+        else:
+            request.session.clear()  # ended, expired or disabled: the browser must sign in again
     request.state.reviewer = who
     return who
 
 
-def sign_in(request: Request, row: dict[str, Any], stamp: str) -> None:
-    """Start a fresh session for ``row`` (a new CSRF token too: nothing from before sign-in carries over);
-    ``stamp``: ``password_stamp`` of the reviewer now."""
+def sign_in(request: Request, store: Any, row: dict[str, Any], ttl_s: float) -> None:
+    """Start a fresh session for ``row`` (a new CSRF token too: nothing from before sign-in carries over)."""
+    key = start_session(store, row["id"], ttl_s)
     request.session.clear()
-    request.session.update({"rid": row["id"], "name": row["name"], "iat": int(time.time()), "pwv": stamp})
+    request.session[SESSION_KEY] = key
     new_csrf_token(request)
 
 
-def sign_out(request: Request) -> None:
+def sign_out(request: Request, store: Any) -> None:
+    end_session(store, request.session.get(SESSION_KEY))
     request.session.clear()
 
 

@@ -1,5 +1,5 @@
-"""``genpipe review serve | add-reviewer``: run the review page; add a reviewer (the same command as
-``genpipe audit add-reviewer``)."""
+"""``genpipe review serve | add-reviewer | update-reviewer``: run the review page; manage reviewers (the same
+commands as ``genpipe audit add-reviewer | update-reviewer``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import ipaddress
 import sys
 from typing import Any
 
-from pipeline.audit.cli import _cmd_reviewer_add
-from pipeline.audit.reviews import ROLES
+from pipeline.audit.cli import UPDATE_REVIEWER_HELP, reviewer_add_arguments, reviewer_update_arguments
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -49,12 +48,11 @@ def register(subparsers: Any) -> None:
                    help="a sign-in lasts this long (default 8 hours)")  # fmt: skip
     p.set_defaults(fn=_cmd_serve)
 
-    help_ = "add a reviewer and print their API token (same as `genpipe audit add-reviewer`)"
-    p = sub.add_parser("add-reviewer", help=help_, description=help_)
-    p.add_argument("--db", required=True, metavar="URL", help="audit DB (SQLAlchemy URL)")
-    p.add_argument("name")
-    p.add_argument("--role", choices=ROLES, default="reviewer")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--password", action="store_true", help="prompt for a password (for the review page)")
-    group.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
-    p.set_defaults(fn=_cmd_reviewer_add)
+    for name, help_, arguments in (
+        ("add-reviewer", "add a reviewer and print their API token", reviewer_add_arguments),
+        ("update-reviewer", UPDATE_REVIEWER_HELP, reviewer_update_arguments),
+    ):
+        help_ += f" (same as `genpipe audit {name}`)"
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--db", required=True, metavar="URL", help="audit DB (SQLAlchemy URL)")
+        arguments(p)

@@ -1,0 +1,66 @@
+"""Review-page sign-in sessions, kept in the audit DB so that signing out ends a session for good.
+
+The browser's cookie holds a random session key; the ``review_sessions`` table holds its sha256, the reviewer and
+when it expires. A request is signed in only while that row exists, so signing out deletes it and a copied
+cookie stops working at once, and an admin can end every session of a reviewer (a lost laptop). A password
+change or disabling a reviewer ends their sessions too. Operational state, like job leases: not chained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select
+
+from pipeline.audit.schema import ReviewerRow, ReviewSessionRow
+
+_sessions = ReviewSessionRow.__table__
+_reviewers = ReviewerRow.__table__
+
+
+def _key_hash(key: str) -> str:
+    # 256 random bits: a plain sha256 cannot be reversed, and a stolen DB row is not a usable cookie.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def start_session(store: Any, reviewer_id: int, ttl_s: float) -> str:
+    """A new session for the reviewer, valid for ``ttl_s`` seconds; returns its key (for the cookie only).
+    Expired sessions of everyone are deleted on the way, so the table holds live sessions only."""
+    key = secrets.token_urlsafe(32)
+    now = time.time()
+
+    def tx(conn: Connection) -> None:
+        conn.execute(delete(_sessions).where(_sessions.c.expires_at <= now))
+        conn.execute(insert(_sessions).values(id=_key_hash(key), reviewer_id=reviewer_id, expires_at=now + ttl_s))
+
+    store._write("start a review session", tx)
+    return key
+
+
+def session_reviewer(store: Any, key: Any) -> dict[str, Any] | None:
+    """The enabled reviewer (id, name, role) whose live session has this key, else None."""
+    if not isinstance(key, str) or not key:
+        return None
+    query = (
+        select(_reviewers.c.id, _reviewers.c.name, _reviewers.c.role)
+        .join(_sessions, _sessions.c.reviewer_id == _reviewers.c.id)
+        .where(_sessions.c.id == _key_hash(key), _sessions.c.expires_at > time.time(), ~_reviewers.c.disabled)
+    )
+    with store.engine.connect() as conn:
+        row = conn.execute(query).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def end_session(store: Any, key: Any) -> None:
+    """Sign one session out (nothing happens for an unknown or already ended key)."""
+    if isinstance(key, str) and key:
+        store._write("end a review session", lambda conn: conn.execute(delete(_sessions).where(
+            _sessions.c.id == _key_hash(key))))  # fmt: skip
+
+
+def end_sessions_of(conn: Connection, reviewer_id: int) -> int:
+    """Sign every session of a reviewer out, in the caller's transaction; returns how many there were."""
+    return conn.execute(delete(_sessions).where(_sessions.c.reviewer_id == reviewer_id)).rowcount
