@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from pipeline.audit import AuditStore, write_chain_anchor
 from pipeline.audit.lease import JobLease
 from pipeline.audit.records import write_results_parquet
@@ -41,7 +43,7 @@ from pipeline.stages.generate import DiffusersGenerator
 from pipeline.stages.score import build_scoring_stages
 from pipeline.stages.write import PUBLIC_PREFIX, QUARANTINE_PREFIX, REVIEW_PREFIX, ImageWriter, image_key
 from pipeline.storage import TMP_PREFIX, Storage, local_path
-from schemas.record import Item
+from schemas.record import SUPERSEDED, Item
 from schemas.spec import JobSpec
 
 PLAN_PREFIX = "_plan"
@@ -65,6 +67,7 @@ class RunSummary:
     orphans_quarantined: int = 0
     regenerated_now: int = 0
     blocked_now: int = 0
+    superseded_now: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
     bias_report: str = ""
     counts: dict[str, int] = field(default_factory=dict)
@@ -80,7 +83,8 @@ class RunSummary:
             f"job {self.job} (run {self.run_id}): {self.status}",
             f"  manifest rows: {self.rows} ({self.rows_rejected} rejected)",
             f"  items: {self.items_total} — generated {c.get('generated', 0)}, rejected {c.get('rejected', 0)}, "
-            f"blocked {c.get('blocked', 0)}, failed {c.get('failed', 0)}",
+            f"blocked {c.get('blocked', 0)}, failed {c.get('failed', 0)}"
+            + (f" (and {c[SUPERSEDED]} superseded rejected records of fixed rows)" if c.get(SUPERSEDED) else ""),
             f"  this run: generated {self.generated_now}, failed {self.failed_now}, "
             f"skipped {self.skipped_done} already done (resumed)",
             "  decisions: " + (", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items())) or "none"),
@@ -164,6 +168,9 @@ class _Planner:
         self._pending: list[Item] = []
         self._chunk: list[Item] = []
         self.screen = PromptScreen.from_spec(spec)
+        # Manifest positions with `rejected` records from earlier runs: one this run plans again gets them marked
+        # `superseded` (a rejected row's id is its position, so a fixed row's new items never replace them).
+        self._stale_rows = store.rejected_rows(spec.name) if store is not None else np.empty(0, np.int64)
 
     def run(self) -> None:
         planner = ManifestPlanner(self.spec)
@@ -190,13 +197,13 @@ class _Planner:
         if self.progress is not None:
             self.progress.planning = False  # the total is final from here on
 
-    def _flush_chunk(self) -> None:
+    def _flush_chunk(self, manifest_rows: bool = True) -> None:
         if not self._chunk:
             return
         chunk, self._chunk = self._chunk, []
         self.summary_counts["items"] += len(chunk)
         existing = self.store.get_items([it.item_id for it in chunk]) if self.store is not None else {}
-        new_rejected = []
+        new_rejected = self._superseded(chunk) if manifest_rows and len(self._stale_rows) else []
         for item in chunk:
             old = existing.get(item.item_id)
             if item.status in ("rejected", "blocked"):  # terminal before generation: recorded, never planned
@@ -215,11 +222,30 @@ class _Planner:
         if new_rejected and not self.dry_run:
             self.store.write_items(new_rejected, self.run_id)
 
+    def _superseded(self, chunk: list[Item]) -> list[Item]:
+        """The earlier `rejected` records at the manifest positions of ``chunk`` that its items do not rewrite,
+        marked `superseded` (each chunk holds whole rows, so every item now at a position is in it)."""
+        rows = np.unique(np.fromiter((it.row_number for it in chunk), np.int64, len(chunk)))
+        stale = rows[np.isin(rows, self._stale_rows, assume_unique=True)]
+        if not len(stale):
+            return []
+        planned = {it.item_id for it in chunk}
+        now_at = {it.row_number: it.prompt_id for it in chunk}
+        out = [
+            old.supersede(
+                f"manifest row {old.row_number} was planned again, now as prompt_id {now_at[old.row_number]!r}"
+            )  # fmt: skip
+            for old in self.store.rejected_at(self.spec.name, stale.tolist())
+            if old.item_id not in planned
+        ]
+        self.summary_counts["superseded_now"] += len(out)
+        return out
+
     def plan_items(self, items: list[Item]) -> list[str]:
         """Plan extra items (regeneration tries) through the same resume check; returns the new shard keys."""
         first = len(self.shards)
         self._chunk.extend(items)
-        self._flush_chunk()
+        self._flush_chunk(manifest_rows=False)
         self._flush_shard()
         return self.shards[first:]
 
@@ -268,6 +294,7 @@ class PlanSummary:
     items: int = 0
     rejected: int = 0
     blocked: int = 0
+    superseded: int = 0
     skipped_done: int = 0
     pending: int = 0
     resumed_from: str = ""
@@ -281,6 +308,8 @@ class PlanSummary:
             f"  manifest rows: {self.rows} ({self.rows_rejected} rejected)",
             f"  items: {self.items} — to generate {self.pending}, already done {self.skipped_done}, "
             f"newly rejected {self.rejected}, newly blocked {self.blocked}",
+            *([f"  superseded: {self.superseded} earlier rejected records (their rows were planned again)"]
+              if self.superseded else []),
             f"  audit database: {self.resumed_from or 'none yet (nothing done)'}",
             f"  planned in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s), "
             f"driver peak RSS {self.peak_rss_mb:,.0f} MB",
@@ -319,6 +348,7 @@ def plan_job(spec: JobSpec) -> PlanSummary:
         items=pc["items"],
         rejected=pc["rejected_now"],
         blocked=pc["blocked_now"],
+        superseded=pc["superseded_now"],
         skipped_done=pc["skipped_done"],
         pending=pc["pending"],
         resumed_from=store.safe_url if store is not None else "",
@@ -394,7 +424,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
             files = write_bias_report(store.iter_items(spec.name), storage, spec.name, spec.scoring.bias)
             summary.bias_report = files.get("bias.md", "")
         summary.counts = store.counts(spec.name)
-        summary.items_total = sum(summary.counts.values())
+        summary.items_total = sum(n for status, n in summary.counts.items() if status != SUPERSEDED)
         summary.images = storage.url("images")
         summary.results = storage.url(RESULTS_KEY)
         # The error budget is the job's, not this run's: failed items over every item that was to be generated.
@@ -447,7 +477,7 @@ def _plan_counts(summary: RunSummary, planner: _Planner) -> None:
     pc = planner.summary_counts
     summary.rows, summary.rows_rejected = pc["rows"], pc["rows_rejected"]
     summary.rejected_now, summary.skipped_done = pc["rejected_now"], pc["skipped_done"]
-    summary.blocked_now = pc["blocked_now"]
+    summary.blocked_now, summary.superseded_now = pc["blocked_now"], pc["superseded_now"]
 
 
 def _regenerate_flagged(spec, stages, store, storage, planner, sink, progress) -> int:

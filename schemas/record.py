@@ -17,8 +17,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-Status = Literal["pending", "generated", "rejected", "blocked", "failed"]
+Status = Literal["pending", "generated", "rejected", "blocked", "failed", "superseded"]
 TERMINAL_STATUSES: tuple[str, ...] = ("generated", "rejected", "blocked", "failed")
+#: A ``rejected`` record whose manifest position a later run planned again (the row was fixed, or another row
+#: stands there now): kept for the audit trail, no longer one of the job's items.
+SUPERSEDED = "superseded"
 
 
 @dataclass
@@ -73,6 +76,11 @@ class Item:
     def reject(self, code: str, message: str, **detail: Any) -> Item:
         self.status = "rejected"
         self.reasons.append({"code": code, "message": message, **detail})
+        return self
+
+    def supersede(self, message: str) -> Item:
+        self.status = SUPERSEDED
+        self.reasons.append({"code": "superseded", "message": message})
         return self
 
     def fail(self, exc: BaseException, stage: str) -> Item:

@@ -12,8 +12,9 @@ import pytest
 from pipeline.audit import AuditStore
 from pipeline.config import load_spec
 from pipeline.errors import ManifestError, SpecError
-from pipeline.runner import run_job
+from pipeline.runner import plan_job, run_job
 from pipeline.storage import Storage
+from tests.conftest import write_manifest
 from tests.invariants import check_invariants
 
 ROWS = [
@@ -273,3 +274,41 @@ def test_a_rejected_row_is_recorded_again_when_the_edited_manifest_says_somethin
     finally:
         store.dispose()
     assert run_job(load_spec(edited), quiet=True).rejected_now == 0  # the same manifest again: nothing new
+
+
+def test_a_fixed_row_supersedes_its_rejected_records(make_spec, tmp_path):
+    # A rejected row's records are keyed by its position. Once the row is fixed, the job's items are the fixed
+    # row's: the old records become `superseded` (history, still in the chain), not a second outcome of the row.
+    db, good = _db(tmp_path), {"prompt_id": "mug", "prompt": "a red ceramic mug"}
+    broken_rows = [good, {"prompt_id": "lamp", "prompt": "   ", "num_images": 2}]
+    bad = load_spec(make_spec(manifest=write_manifest(tmp_path / "broken.parquet", broken_rows), database=db))
+    assert run_job(bad, quiet=True).rejected_now == 2
+    fixed_rows = [good, {"prompt_id": "lamp", "prompt": "a brass desk lamp"}]
+    fixed = load_spec(make_spec(manifest=write_manifest(tmp_path / "fixed.parquet", fixed_rows), database=db))
+    dry = plan_job(fixed)
+    assert dry.superseded == 2 and "superseded: 2 earlier rejected records" in dry.render()
+    store = AuditStore(db)
+    try:
+        assert store.counts("test-job") == {"generated": 1, "rejected": 2}  # a dry run writes nothing
+    finally:
+        store.dispose()
+    summary = run_job(fixed, quiet=True)
+    assert (summary.superseded_now, summary.generated_now, summary.items_total) == (2, 1, 2)
+    assert summary.counts == {"generated": 2, "superseded": 2} and "2 superseded rejected records" in summary.render()
+    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", expected_items=2)
+    store = AuditStore(db)
+    try:
+        old = [it for it in store.iter_items("test-job") if it.status == "superseded"]
+        assert sorted(it.sample_index for it in old) == [0, 1] and {it.row_number for it in old} == {2}
+        assert "now as prompt_id 'lamp'" in old[0].reasons[-1]["message"]
+        assert [r["code"] for r in old[0].reasons] == ["invalid_row", "superseded"]
+        events = store.history(old[0].item_id)
+        assert [e["kind"] for e in events] == ["item_recorded", "item_recorded"], events
+        assert [e["payload"]["status"] for e in events] == ["rejected", "superseded"]
+    finally:
+        store.dispose()
+    again = run_job(fixed, quiet=True)
+    assert again.superseded_now == 0 and again.skipped_done == 2
+    # Broken again: the position is rejected again, under the same ids, and counts as rejected once more.
+    relapse = run_job(bad, quiet=True)
+    assert relapse.rejected_now == 2 and relapse.counts == {"generated": 2, "rejected": 2}

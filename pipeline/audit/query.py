@@ -24,9 +24,9 @@ from pipeline.audit.records import RECORD_FIELDS, RESULTS_SCHEMA
 from pipeline.audit.reviews import EFFECTIVE_DECISIONS, PUBLISHABLE, effective_decision_expr, latest_decision_subquery
 from pipeline.audit.schema import EventRow, ItemRow, ReviewerRow
 from pipeline.errors import GenpipeError
-from schemas.record import TERMINAL_STATUSES
+from schemas.record import SUPERSEDED, TERMINAL_STATUSES
 
-STATUSES = ("pending", *TERMINAL_STATUSES)
+STATUSES = ("pending", *TERMINAL_STATUSES, SUPERSEDED)
 DECISIONS = (*EFFECTIVE_DECISIONS, "none")  # none: no decision (rejected rows, failures)
 #: Score keys the scorers write; any other key must match the pattern and be present in the database.
 KNOWN_SCORE_KEYS = ("clip_cosine", "clipscore", "nsfw", "aesthetic")

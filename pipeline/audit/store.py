@@ -511,6 +511,23 @@ class AuditStore:
         for item, _ in self.iter_records(job, batch):
             yield item
 
+    def rejected_rows(self, job: str) -> np.ndarray:
+        """The manifest positions (``row_number``) that hold ``rejected`` records of ``job``, sorted."""
+        query = select(_items.c.row_number).where(_items.c.job == job, _items.c.status == "rejected").distinct()
+        with self.engine.connect() as conn:
+            return np.unique(np.fromiter((r for (r,) in conn.execute(query)), dtype=np.int64))
+
+    def rejected_at(self, job: str, rows: list[int]) -> list[Item]:
+        """The ``rejected`` records of ``job`` at these manifest positions."""
+        cols = [_items.c[name] for name in ITEM_FIELDS]
+        found: list[Item] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(rows), _IN_CHUNK):
+                where = (_items.c.job == job, _items.c.status == "rejected",
+                         _items.c.row_number.in_(rows[start : start + _IN_CHUNK]))  # fmt: skip
+                found.extend(_row_to_item(row) for row in conn.execute(select(*cols).where(*where)))
+        return found
+
     def counts(self, job: str) -> dict[str, int]:
         """Number of records of ``job`` by status (statuses with no records are absent)."""
         query = select(_items.c.status, func.count()).where(_items.c.job == job).group_by(_items.c.status)
