@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-from datetime import UTC, datetime
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -264,7 +267,8 @@ BAD = [
     (["--status", "done"], "argument --status: invalid choice: 'done'"),
     (["--decision", INJECTION], "argument --decision: invalid choice"),
     (["--sort", INJECTION], 'argument --sort: "\'; DROP TABLE items; --": sort by one of'),
-    (["--limit", "0"], "argument --limit: 0 is not at least 1"),
+    (["--limit", "0"], "argument --limit: 0 is not between 1 and 9223372036854775807"),
+    (["--limit", "9" * 20], "argument --limit: 99999999999999999999 is not between 1 and"),  # not an OverflowError
     (["--format", "xml"], "argument --format: invalid choice: 'xml'"),
 ]
 
@@ -304,3 +308,68 @@ def test_an_unreachable_database_is_one_line(capsys):
     assert main(["audit", "query", "--db", "postgresql://reviewer:pw@127.0.0.1:1/audit"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("genpipe: error: cannot open audit DB") and err.count("\n") == 1 and ":pw@" not in err
+
+
+def test_output_paths_name_the_file_they_write(tmp_path, monkeypatch):
+    from pipeline.audit.formats import OutputError, open_output
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    for bad, says in (("folder", "is a directory"), (str(tmp_path / "folder"), "is a directory"),
+                      (".", "not a file name"), ("..", "not a file name"), ("x/..", "not a file name"),
+                      ("sub/", "not a file name")):  # fmt: skip
+        with pytest.raises(OutputError, match=says), open_output(bad, binary=True) as f:
+            f.write(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir())
+    with open_output(f"file://{tmp_path}/via-url.csv", binary=False) as f:
+        f.write("a\n")
+    assert (tmp_path / "via-url.csv").read_text() == "a\n"
+    top = f"/genpipe-test-{tmp_path.name}.csv"  # a file right under / lands there, not in the working directory
+    try:
+        with open_output(top, binary=False) as f:
+            f.write("b\n")
+    except OutputError:
+        pytest.skip("/ is not writable here")
+    try:
+        assert Path(top).read_text() == "b\n" and not (tmp_path / top.lstrip("/")).exists()
+    finally:
+        os.remove(top)
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_text(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/audit.db"
+    store = AuditStore(url)
+    formula = '=HYPERLINK("http://evil.example","click")'
+    store.write_items([make_item("J", 0, prompt=formula, campaign="@SUM(A1)", prompt_id="-p"),
+                       make_item("J", 1, prompt="a = b + c", campaign="+spring")], None)  # fmt: skip
+    store.dispose()
+    assert main(["audit", "query", "--db", url, "--format", "csv", "--sort", "prompt_id"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    cells = [(r["prompt"], r["campaign"], r["prompt_id"]) for r in rows]
+    assert ("'" + formula, "'@SUM(A1)", "'-p") in cells and ("a = b + c", "'+spring", "p00000") in cells
+    assert main(["audit", "query", "--db", url, "--format", "json"]) == 0  # JSON keeps every value as it is
+    assert formula in {r["prompt"] for r in json.loads(capsys.readouterr().out)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_since_and_until_at_a_records_own_time_include_it(backend, tmp_path, capsys):
+    # Records timed by the DB clock (SQLite keeps milliseconds, as text) are found by their own time either way.
+    with contextlib.ExitStack() as stack:
+        url = f"sqlite:///{tmp_path}/audit.db" if backend == "sqlite" else stack.enter_context(fresh_database())
+        store = AuditStore(url)
+        store.write_items([make_item("J", 0)], None)
+        with store.engine.connect() as conn:
+            at = conn.execute(select(ItemRow.created_at)).scalar_one()
+        store.dispose()
+        ms = timedelta(milliseconds=1)
+
+        def found(*args: str) -> int:
+            assert main(["audit", "query", "--db", url, "--format", "json", *args]) == 0
+            return len(json.loads(capsys.readouterr().out))
+
+        stamp = at.isoformat()
+        assert found("--since", stamp) == found("--until", stamp) == found("--since", stamp, "--until", stamp) == 1
+        assert found("--since", (at + ms).isoformat()) == found("--until", (at - ms).isoformat()) == 0
+        day = at.date()
+        assert found("--until", day.strftime("%Y%m%d")) == found("--since", day.isoformat()) == 1  # whole days
+        assert found("--until", (day - timedelta(days=1)).strftime("%Y%m%d")) == 0

@@ -4,6 +4,7 @@ the set-level report (no person is never a zero) and `genpipe report bias`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -189,3 +190,30 @@ def test_report_bias_cli(tmp_path):
     assert report["config"]["min_group_size"] == 1
     args = parser.parse_args(["report", "bias", "--db", db, "--job", "job-b", "--out", str(tmp_path / "elsewhere")])
     assert args.fn(args) == 0 and (tmp_path / "elsewhere" / "bias_gender.png").exists()
+
+
+def test_report_bias_cli_never_creates_a_database_nor_guesses_a_relative_output(tmp_path, monkeypatch):
+    from pipeline.errors import GenpipeError
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    typo = tmp_path / "typo.db"
+    args = parser.parse_args(["report", "bias", "--db", f"sqlite:///{typo}", "--job", "x"])
+    with pytest.raises(GenpipeError):
+        args.fn(args)
+    assert not typo.exists()  # a mistyped path is an error, not a new empty audit DB
+    db = f"sqlite:///{tmp_path}/audit.db"
+    store = AuditStore(db)
+    store.begin_run("job-r", {"output": "runs/demo", "scoring": {"bias": {"min_group_size": 1}}}, {}, {})
+    store.write_items([dataclasses.replace(r, job="job-r") for r in _records()], None)
+    store.dispose()
+    elsewhere, ran_in = tmp_path / "elsewhere", tmp_path / "project"
+    elsewhere.mkdir()
+    (ran_in / "runs" / "demo" / "job-r").mkdir(parents=True)
+    args = parser.parse_args(["report", "bias", "--db", db, "--job", "job-r"])
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(GenpipeError, match="is relative to the directory it ran in"):
+        args.fn(args)
+    assert not any(elsewhere.iterdir())
+    monkeypatch.chdir(ran_in)  # from where the job ran, its relative output is found
+    assert args.fn(args) == 0 and (ran_in / "runs" / "demo" / "job-r" / "reports" / "bias" / "bias.md").exists()

@@ -58,9 +58,11 @@ def _key_value(text: str) -> tuple[str, float]:
 
 def _when(text: str) -> tuple[datetime, bool]:
     """An ISO 8601 date or date-time (naive = UTC); the flag says whether it was a whole day."""
+    try:  # a date alone (2026-03-01 or 20260301) means that whole day
+        return datetime.combine(date.fromisoformat(text), time(), tzinfo=UTC), True
+    except ValueError:
+        pass
     try:
-        if len(text) == 10:
-            return datetime.combine(date.fromisoformat(text), time(), tzinfo=UTC), True
         value = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -69,13 +71,17 @@ def _when(text: str) -> tuple[datetime, bool]:
     return (value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)), False
 
 
+#: The largest integer a database column holds (BIGINT); a bigger one is a bad argument, not an overflow.
+MAX_INT = 2**63 - 1
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    if not 1 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {MAX_INT}")
     return value
 
 
@@ -372,4 +378,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("item_id", nargs="+")
     p.add_argument("--reason", metavar="CODE", help="reason code, e.g. nsfw_false_positive (reject/escalate need one)")
     p.add_argument("--text", help="free text (a comment needs one)")
-    p.add_argument("--supersedes", type=int, metavar="SEQ", help="the review event this one replaces (default: latest)")
+    p.add_argument(
+        "--supersedes", type=_positive_int, metavar="SEQ", help="the review event this one replaces (default: latest)"
+    )

@@ -2,7 +2,8 @@
 stays flat in the size of the result — and ``open_output``, an atomic file at a path or fsspec URL.
 
 JSON is an array of records as ``pipeline.audit.query`` builds them; CSV and Parquet flatten the ``review``
-object into ``review_*`` columns and carry nested fields (scores, reasons, metadata, lora) as JSON text.
+object into ``review_*`` columns and carry nested fields (scores, reasons, metadata, lora) as JSON text. CSV is
+for spreadsheets: a text cell starting with = + - @ (a formula there) gets a leading ' and is shown as text.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.audit.chain import json_default
 from pipeline.audit.records import _JSON, RECORD_FIELDS, RESULTS_SCHEMA
 from pipeline.errors import GenpipeError
-from pipeline.storage import Storage
+from pipeline.storage import Storage, StorageError
 
 FORMATS = ("table", "json", "csv", "parquet")
 
@@ -68,6 +69,16 @@ def write_json(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
     return n
 
 
+#: What a spreadsheet reads as the start of a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: Any) -> Any:
+    """Text a spreadsheet would run as a formula (a prompt "=HYPERLINK(...)"), with a leading ' so it is shown
+    as text. Numbers stay numbers; JSON and Parquet keep every value exactly."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def write_csv(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -76,7 +87,7 @@ def write_csv(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
         flat = _flat(record)
         for name in (*_JSON_COLUMNS, "tags"):
             flat[name] = _dumps(flat[name])
-        writer.writerow(flat)
+        writer.writerow({name: _inert(value) for name, value in flat.items()})
         n += 1
     return n
 
@@ -145,10 +156,14 @@ WRITERS = {"table": write_table, "json": write_json, "csv": write_csv, "parquet"
 def open_output(url: str, binary: bool) -> Iterator[IO[Any]]:
     """A file at ``url`` (path or fsspec URL) that appears complete or not at all."""
     root, _, name = url.rpartition("/")
-    if not name:
+    if not name or name in (".", ".."):
         raise OutputError(f"--out {url!r}: not a file name")
+    if url.startswith("/") and not root or root.endswith(":/"):
+        root += "/"  # a file right under the filesystem root, or file:///name
     try:
         storage = Storage(root or ".")
+        if storage.fs.isdir(storage.path(name)):
+            raise OutputError(f"--out {url}: is a directory; name a file in it")
         with storage.open_atomic(name) as f:
             if binary:
                 yield f
@@ -159,7 +174,7 @@ def open_output(url: str, binary: bool) -> Iterator[IO[Any]]:
                 text.flush()
             finally:
                 text.detach()  # the atomic writer closes (and publishes) the file, not the wrapper
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StorageError) as exc:
         if isinstance(exc, UnicodeError):
             raise
         raise OutputError(f"--out {url}: cannot write: {exc}") from None

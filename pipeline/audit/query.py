@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import Connection, case, exists, func, select
+from sqlalchemy import Connection, String, case, exists, func, select, type_coerce
 
 from pipeline.audit.chain import ITEM_FIELDS, REVIEW_KINDS, canonical_json
 from pipeline.audit.formats import open_output, write_parquet
@@ -123,6 +123,24 @@ def _score_key_present(conn: Connection, key: str) -> bool:
     return conn.execute(select(_items.c.item_id).where(value.is_not(None)).limit(1)).first() is not None
 
 
+def _comparable_time(column: Any, dialect: str) -> Any:
+    # SQLite has no time type: timestamps are text, "YYYY-MM-DD HH:MM:SS.fff" from the DB clock (server default)
+    # or ".ffffff" when bound from Python, and compare as text. A bound must be text of the same shape, or the
+    # same instant compares unequal ("...00.000" < "...00.000000").
+    return type_coerce(column, String) if dialect == "sqlite" else column
+
+
+def _time_bound(when: datetime, dialect: str, up: bool = False) -> Any:
+    """``when`` as the backend compares it; on SQLite, text to the millisecond the DB clock keeps (rounded up for
+    an exclusive upper bound, so ``--until`` a record's own time still includes it)."""
+    if dialect != "sqlite":
+        return when
+    utc = when.astimezone(UTC)
+    if up and utc.microsecond % 1000:
+        utc += timedelta(microseconds=1000 - utc.microsecond % 1000)
+    return utc.strftime("%Y-%m-%d %H:%M:%S.") + f"{utc.microsecond // 1000:03d}"
+
+
 def select_records(filters: QueryFilters, dialect: str) -> Any:
     """The parameterised SELECT for ``filters`` (validated beforehand by ``_check``)."""
     latest = latest_decision_subquery()
@@ -168,10 +186,11 @@ def select_records(filters: QueryFilters, dialect: str) -> Any:
             .where(_reviewers.c.name.in_(filters.reviewers))
         )
         query = query.where(exists(by))
+    created = _comparable_time(_items.c.created_at, dialect)
     if filters.since is not None:
-        query = query.where(_items.c.created_at >= filters.since)
+        query = query.where(created >= _time_bound(filters.since, dialect))
     if filters.until is not None:
-        query = query.where(_items.c.created_at < filters.until)
+        query = query.where(created < _time_bound(filters.until, dialect, up=True))
     if filters.search:
         query = query.where(_items.c.prompt.icontains(filters.search, autoescape=True))
     sort_by = {"decision": effective, "reviewed_at": review.c.created_at}

@@ -7,6 +7,7 @@ job's own output root (from the spec the audit DB recorded for the job): ``{outp
 from __future__ import annotations
 
 import argparse
+import os
 import posixpath
 from typing import Any
 
@@ -26,6 +27,16 @@ def job_spec(store: Any, job: str) -> dict[str, Any] | None:
         return conn.execute(select(JobRow.spec).where(JobRow.name == job)).scalar_one_or_none()
 
 
+def _job_root(output: str, job: str) -> str:
+    """The job's output root from its recorded ``output``. A relative path is relative to the directory the job
+    ran in, which the audit DB does not know: used only when the job's folder is there from here too."""
+    root = posixpath.join(output.rstrip("/"), job)
+    if "://" in output or os.path.isabs(output) or os.path.isdir(root):
+        return root
+    raise GenpipeError(f"job {job!r}: its output {output!r} is relative to the directory it ran in, and "
+                       f"{os.path.abspath(root)} is not a folder; run from that directory, or pass --out")  # fmt: skip
+
+
 def _cmd_bias(args: argparse.Namespace) -> int:
     from pipeline.audit import AuditStore, AuditStoreError
     from pipeline.report.bias import REPORT_PREFIX, write_bias_report
@@ -33,7 +44,7 @@ def _cmd_bias(args: argparse.Namespace) -> int:
     from schemas.spec import BiasSpec
 
     try:
-        store = AuditStore(args.db)
+        store = AuditStore(args.db, migrate=False)  # a report reads: it never creates or migrates a database
     except AuditStoreError as exc:
         raise GenpipeError(str(exc)) from None
     try:
@@ -45,7 +56,7 @@ def _cmd_bias(args: argparse.Namespace) -> int:
         if args.out:
             storage, prefix = Storage(args.out), ""
         elif spec and spec.get("output"):
-            storage, prefix = Storage(posixpath.join(spec["output"].rstrip("/"), args.job)), REPORT_PREFIX
+            storage, prefix = Storage(_job_root(spec["output"], args.job)), REPORT_PREFIX
         else:
             raise GenpipeError(f"job {args.job!r}: the audit DB has no output location for it; pass --out")
         urls = write_bias_report(store.iter_items(args.job), storage, args.job, config, prefix=prefix)
