@@ -381,6 +381,21 @@ CASES = {
         lambda db: tamper(db.url, "UPDATE runs SET status = 'failed'"),
         lambda db: "event seq 9: run 1 differs from its latest record in: status",
     ),
+    "backdate an item's creation (what audit query --since filters on)": (
+        lambda db: tamper(
+            db.url,
+            ("UPDATE items SET created_at = :t WHERE item_id = :i", {"t": "2020-01-01 00:00:00", "i": db.ids[2]}),
+        ),
+        lambda db: f"event seq {db.seq_of(db.ids[2])}, item {db.ids[2]}: created_at 2020-01-01",
+    ),
+    "backdate a run's start": (
+        lambda db: tamper(db.url, ("UPDATE runs SET started_at = :t", {"t": "2020-01-01 00:00:00"})),
+        lambda db: "event seq 9: run 1: started_at 2020-01-01",
+    ),
+    "erase a run's end": (
+        lambda db: tamper(db.url, "UPDATE runs SET ended_at = NULL"),
+        lambda db: "event seq 9: run 1: ended_at null differs from its event's time",
+    ),
     "change the job's spec": (
         lambda db: tamper(db.url, ("UPDATE jobs SET spec = :s", {"s": '{"policy": {"nsfw_block": 0.99}}'})),
         lambda db: f"event seq 2: job '{JOB}': spec differs from the one its latest run recorded",
@@ -488,7 +503,7 @@ def test_a_pre_migration_database_is_upgraded_and_back_filled(fresh_url: str, ca
     store = AuditStore(fresh_url, migrate=False)
     report = verify(store)
     assert report.ok, report.render()
-    assert report.events == 1 + 1 + 3 and report.items == 3
+    assert report.events == 1 + 1 + 3 + 1 and report.items == 3  # + the row_times_bound mark of migration 0005
     assert [e["kind"] for e in store.history(make_item("legacy", 0).item_id)] == [ITEM_RECORDED]
     with store.engine.connect() as conn:
         started = json.loads(conn.execute(select(EventRow.payload).where(EventRow.seq == 1)).scalar_one())

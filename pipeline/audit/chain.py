@@ -50,7 +50,11 @@ REVIEWER_UPDATED = "reviewer_updated"  # same shape, after the change
 REVIEW_KINDS = ("review_approve", "review_reject", "review_escalate", "review_comment")
 DECISION_KINDS = REVIEW_KINDS[:3]  # the review events that change an item's decision; comments do not
 CHAIN_STARTED = "chain_started"  # seq 1, written by the migration that created the table
-EVENT_KINDS = (ITEM_RECORDED, RUN_STARTED, RUN_ENDED, REVIEWER_ADDED, REVIEWER_UPDATED, *REVIEW_KINDS, CHAIN_STARTED)
+#: Written once, by migration 0005: from it on, an item's created_at is its first item_recorded event's time and a
+#: run's started_at / ended_at its run_started / run_ended event's, exactly, so ``verify`` checks them. {"note"}
+ROW_TIMES_BOUND = "row_times_bound"
+EVENT_KINDS = (ITEM_RECORDED, RUN_STARTED, RUN_ENDED, REVIEWER_ADDED, REVIEWER_UPDATED, *REVIEW_KINDS, CHAIN_STARTED,
+               ROW_TIMES_BOUND)  # fmt: skip
 
 HASHED_COLUMNS = (
     "seq", "prev_hash", "kind", "job", "item_id", "run_id", "reviewer_id", "reason_code", "text", "supersedes",
@@ -226,8 +230,11 @@ def chain_head(conn: Connection) -> tuple[int, str] | None:
     return (int(row.seq), row.hash) if row else None
 
 
-def _head_and_clock(conn: Connection) -> tuple[int, str, datetime]:
-    """``chain_head`` (seq 0 and the genesis hash for an empty chain) and ``database_clock``, in one read."""
+def head_and_clock(conn: Connection) -> tuple[int, str, datetime]:
+    """``chain_head`` (seq 0 and the genesis hash for an empty chain) and ``database_clock``, in one read.
+
+    A writer that stamps its rows with the time of their events reads this once, under the chain lock, and
+    passes it to ``append_events`` / ``append_rows`` (``head``), so a row's timestamp is its event's, exactly."""
     row = conn.exec_driver_sql(_HEAD_AND_CLOCK[conn.dialect.name]).first()
     if row is None:
         return 0, GENESIS_HASH, database_clock(conn)
@@ -237,18 +244,21 @@ def _head_and_clock(conn: Connection) -> tuple[int, str, datetime]:
     return int(seq), digest, now.astimezone(UTC)
 
 
-def append_events(conn: Connection, events: list[NewEvent], *, locked: bool = False) -> list[int]:
+def append_events(
+    conn: Connection, events: list[NewEvent], *, locked: bool = False, head: tuple[int, str, datetime] | None = None
+) -> list[int]:
     """Append ``events`` in order, inside the caller's write transaction; returns their ``seq`` numbers.
 
     ``locked``: the caller already took the chain lock in this transaction (``AuditStore._write`` does), which
-    saves a round trip on PostgreSQL.
+    saves a round trip on PostgreSQL. ``head``: ``head_and_clock`` as the caller read it after taking the lock
+    (nothing appended since); the events get its clock.
     """
     rows = [
         (ev.kind, ev.job, ev.item_id, ev.run_id, ev.reviewer_id, ev.reason_code, ev.text, ev.supersedes,
          ev.payload_text if ev.payload_text is not None else canonical_json(ev.payload))
         for ev in events
     ]  # fmt: skip
-    return append_rows(conn, rows, locked=locked)
+    return append_rows(conn, rows, locked=locked, head=head)
 
 
 #: An event to append as (kind, job, item_id, run_id, reviewer_id, reason_code, text, supersedes, payload_text).
@@ -260,6 +270,7 @@ def append_rows(
     events: Iterable[EventTuple],
     *,
     locked: bool = False,
+    head: tuple[int, str, datetime] | None = None,
 ) -> list[int]:
     """``append_events`` for events given as ``EventTuple``s: no ``NewEvent`` per item on the hot path of
     ``AuditStore.write_items``.
@@ -275,7 +286,7 @@ def append_rows(
             raise ValueError(f"unknown event kind {ev[0]!r}")
     if not locked:
         lock_chain(conn)
-    seq, prev, now = _head_and_clock(conn)
+    seq, prev, now = head if head is not None else head_and_clock(conn)
     stamp = format_time(now)
     to_stored = _events.c.created_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
     stored_now = to_stored(now) if to_stored else now

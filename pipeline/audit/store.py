@@ -55,6 +55,7 @@ from pipeline.audit.chain import (
     append_rows,
     canonical_json,
     chain_head,
+    head_and_clock,
     json_default,
     json_encoder,
     lock_chain,
@@ -179,7 +180,7 @@ class _Prepared:
     def __init__(self, stmt: Any, dialect: Any, keys: list[str], text_columns: tuple[str, ...] = ()) -> None:
         compiled = stmt.compile(dialect=dialect, column_keys=keys)
         self.sql = compiled.string
-        names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
+        self.names = names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
         self._processors = [
             (name, proc)
             for name in names
@@ -205,11 +206,26 @@ class _ItemStatements:
     def __init__(self, store: AuditStore) -> None:
         dialect = store.engine.dialect
         ins = store._insert(_items)
+        # created_at and updated_at are the time of the write's events (``write_items``), bound per transaction:
+        # a rewrite keeps created_at, so it stays the time of the item's first item_recorded event.
         updated = {c.key: ins.excluded[c.key] for c in _items.c if c.key not in ("item_id", "created_at")}
-        upsert = ins.on_conflict_do_update(index_elements=[_items.c.item_id], set_={**updated, "updated_at": utcnow()})
+        upsert = ins.on_conflict_do_update(index_elements=[_items.c.item_id], set_=updated)
         self.upsert = _Prepared(upsert, dialect, [*ITEM_FIELDS, "run_id"], text_columns=_JSON_FIELDS)
+        self.stamped = _Prepared(upsert, dialect, [*ITEM_FIELDS, "run_id", "created_at", "updated_at"],
+                                 text_columns=_JSON_FIELDS)  # fmt: skip
+        # The two timestamps are the last two binds, so a prepared row gets them by appending (see stamp_rows).
+        assert self.stamped.names == [*self.upsert.names, "created_at", "updated_at"], self.stamped.names
+        self._time_processor = _items.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self._positional = self.stamped._ordered is not None
         new_jobs = store._insert(_jobs).on_conflict_do_nothing(index_elements=[_jobs.c.name])
         self.new_jobs = _Prepared(new_jobs, dialect, ["name"])
+
+    def stamp_rows(self, rows: list[Any], now: datetime) -> list[Any]:
+        """``upsert``-prepared rows with created_at and updated_at set to ``now``."""
+        stored = self._time_processor(now) if self._time_processor else now
+        if self._positional:
+            return [(*row, stored, stored) for row in rows]
+        return [{**row, "created_at": stored, "updated_at": stored} for row in rows]
 
 
 def _row_to_item(row: Any) -> Item:
@@ -380,6 +396,7 @@ class AuditStore:
         """Record the job (with this run's spec) and a new ``running`` run; returns the run id."""
 
         def tx(conn: Connection) -> int:
+            head = head_and_clock(conn)  # the run starts at the time of its run_started event
             ins = self._insert(_jobs).values(name=job, spec=spec)
             conn.execute(
                 ins.on_conflict_do_update(
@@ -393,13 +410,14 @@ class AuditStore:
                     versions=versions,
                     model_info=model_info,
                     host=host or socket.gethostname(),
+                    started_at=head[2],
                 )
             )
             run_id = int(result.inserted_primary_key[0])
             # Read back, so the hashed payload is exactly what the database holds (JSON round trip and all).
             stored_spec = conn.execute(select(_jobs.c.spec).where(_jobs.c.name == job)).scalar_one()
             payload = {"run": self._run_payload(conn, run_id), "spec": stored_spec}
-            append_events(conn, [NewEvent(RUN_STARTED, payload, job=job, run_id=run_id)])
+            append_events(conn, [NewEvent(RUN_STARTED, payload, job=job, run_id=run_id)], locked=True, head=head)
             return run_id
 
         return self._write("begin_run", tx)
@@ -410,15 +428,17 @@ class AuditStore:
             raise ValueError(f"end_run status {status!r}: must be one of {', '.join(RUN_STATUSES[1:])}")
 
         def tx(conn: Connection) -> int:
+            head = head_and_clock(conn)  # the run ends at the time of its run_ended event
             stmt = (
                 update(_runs)
                 .where(_runs.c.id == run_id)
-                .values(status=status, counts=counts, summary=summary, ended_at=utcnow())
+                .values(status=status, counts=counts, summary=summary, ended_at=head[2])
             )
             if conn.execute(stmt).rowcount == 0:
                 return 0
             run = self._run_payload(conn, run_id)
-            append_events(conn, [NewEvent(RUN_ENDED, {"run": run}, job=run["job"], run_id=run_id)])
+            event = NewEvent(RUN_ENDED, {"run": run}, job=run["job"], run_id=run_id)
+            append_events(conn, [event], locked=True, head=head)
             return 1
 
         if self._write("end_run", tx) == 0:
@@ -461,9 +481,11 @@ class AuditStore:
         jobs = [statements.new_jobs.params({"name": j}) for j in sorted({ev[1] for ev in events})]
 
         def tx(conn: Connection) -> None:
+            head = head_and_clock(conn)  # _write took the chain lock: the head cannot move before append_rows
             conn.exec_driver_sql(statements.new_jobs.sql, jobs)
-            conn.exec_driver_sql(statements.upsert.sql, upserts)  # executemany: one prepared statement, every row
-            append_rows(conn, events, locked=True)  # _write took the chain lock
+            # executemany: one prepared statement, every row; stamped with the time its events get
+            conn.exec_driver_sql(statements.stamped.sql, statements.stamp_rows(upserts, head[2]))
+            append_rows(conn, events, locked=True, head=head)
 
         self._write("write_items", tx)
 

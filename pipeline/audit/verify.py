@@ -5,7 +5,9 @@ All reads happen in one read transaction (a consistent snapshot; writers go on m
 1. chain — events in seq order: seq 1, 2, 3, ... without gaps; each ``prev_hash`` is the previous hash;
    each hash recomputes from the stored columns; review events name the reviewer the chain knows.
 2. state — every current row equals the payload of its latest event: ``items`` (paged, in SQL: an edited
-   score, a deleted row, a row nobody recorded), ``runs``, ``jobs.spec`` and ``reviewers``.
+   score, a deleted row, a row nobody recorded), ``runs``, ``jobs.spec`` and ``reviewers``; and, for rows
+   written after the ``row_times_bound`` event, an item's ``created_at`` and a run's ``started_at`` /
+   ``ended_at`` equal the time of their events (the times ``audit query`` shows and filters on).
 3. images (``--images``) — every generated item's image exists and has the recorded sha256.
 4. anchors (``--anchor``) — each anchored (seq, hash) is still in the chain (catches a cut-off tail, or a
    chain rewritten from some point on).
@@ -34,6 +36,7 @@ from pipeline.audit.chain import (
     REVIEW_KINDS,
     REVIEWER_ADDED,
     REVIEWER_UPDATED,
+    ROW_TIMES_BOUND,
     RUN_ENDED,
     RUN_STARTED,
     canonical_json,
@@ -121,7 +124,7 @@ def verify(store: Any, *, images: bool = False, anchors: tuple[str, ...] = (), m
         conn = conn.execution_options(isolation_level="REPEATABLE READ")  # one snapshot for every pass
     with conn, conn.begin():
         chain = _check_chain(conn, report)
-        _check_items(conn, report)
+        _check_items(conn, report, chain.times_from)
         _check_runs_jobs_reviewers(conn, report, chain)
         if images:
             _check_images(conn, report)
@@ -140,6 +143,11 @@ class _ChainState:
     runs: dict[int, tuple[int, Any]] = field(default_factory=dict)  # run id -> (seq, payload["run"])
     specs: dict[str, tuple[int, Any]] = field(default_factory=dict)  # job -> (seq, spec of its latest run)
     reviewers: dict[int, tuple[int, Any]] = field(default_factory=dict)  # id -> (seq, payload["reviewer"])
+    # Row timestamps are checked for rows first recorded after this seq: the row_times_bound event's, or 0 in a
+    # database created with that rule (migration 0005 marks only a database that already held history).
+    times_from: int = 0
+    # run id -> [run_started time, latest run_ended time], for runs started after times_from
+    run_times: dict[int, list[Any]] = field(default_factory=dict)
 
 
 def _pages(conn: Connection, query: Any, key: Any) -> Iterator[Any]:
@@ -194,6 +202,12 @@ def _note_event(row: Any, state: _ChainState, report: VerifyReport) -> None:
         state.runs[row["run_id"]] = (seq, payload.get("run"))
         if kind == RUN_STARTED:
             state.specs[row["job"]] = (seq, payload.get("spec"))
+            state.run_times[row["run_id"]] = [row["created_at"], None]
+        elif row["run_id"] in state.run_times:
+            state.run_times[row["run_id"]][1] = row["created_at"]
+    elif kind == ROW_TIMES_BOUND:
+        state.times_from = seq
+        state.run_times.clear()  # runs started before the marker are not checked
     elif kind in (REVIEWER_ADDED, REVIEWER_UPDATED):
         state.reviewers[row["reviewer_id"]] = (seq, payload.get("reviewer"))
     elif kind in REVIEW_KINDS:
@@ -213,7 +227,7 @@ def _diff(current: dict[str, Any], recorded: Any) -> list[str]:
     return [n for n in names if canonical_json(current.get(n)) != canonical_json(recorded.get(n))]
 
 
-def _check_items(conn: Connection, report: VerifyReport) -> None:
+def _check_items(conn: Connection, report: VerifyReport, times_from: int) -> None:
     recorded = select(_events.c.item_id).where(_events.c.kind == ITEM_RECORDED)
     unrecorded = ~exists(recorded.where(_events.c.item_id == _items.c.item_id))
     count = conn.scalar(select(func.count()).select_from(_items).where(unrecorded))
@@ -236,21 +250,32 @@ def _check_items(conn: Connection, report: VerifyReport) -> None:
     for item_id, seq in conn.execute(orphans):
         report.add(Problem("items", "the item's row is missing from items (deleted)", seq, item_id))
 
-    cols = [_items.c[name] for name in ITEM_FIELDS] + [_items.c.run_id]
+    cols = [_items.c[name] for name in ITEM_FIELDS] + [_items.c.run_id, _items.c.created_at]
     page: list[Any] = []
     for row in _pages(conn, select(*cols), _items.c.item_id):
         page.append(row)
         if len(page) == _PAGE:
-            _compare_items(conn, report, page)
+            _compare_items(conn, report, page, times_from)
             page = []
-    _compare_items(conn, report, page)
+    _compare_items(conn, report, page, times_from)
 
 
-def _compare_items(conn: Connection, report: VerifyReport, rows: list[Any]) -> None:
+def _compare_items(conn: Connection, report: VerifyReport, rows: list[Any], times_from: int) -> None:
     if not rows:
         return
     report.items += len(rows)
     ids = [r["item_id"] for r in rows]
+    # created_at is the time of the item's first record (what `audit query --since` shows and filters on)
+    first = select(func.min(_events.c.seq)).where(_events.c.kind == ITEM_RECORDED, _events.c.item_id.in_(ids))
+    query = select(_events.c.item_id, _events.c.seq, _events.c.created_at).where(
+        _events.c.seq.in_(first.group_by(_events.c.item_id)), _events.c.seq > times_from
+    )
+    by_id = {r["item_id"]: r for r in rows}
+    for item_id, seq, recorded_at in conn.execute(query).all():
+        row = by_id[item_id]
+        if row["created_at"] != recorded_at:
+            report.add(Problem("items", f"created_at {row['created_at'].isoformat()} differs from the time of "
+                                        f"its first record, {recorded_at.isoformat()}", seq, item_id))  # fmt: skip
     last = select(func.max(_events.c.seq)).where(_events.c.kind == ITEM_RECORDED, _events.c.item_id.in_(ids))
     query = select(_events.c.item_id, _events.c.seq, _events.c.payload).where(
         _events.c.seq.in_(last.group_by(_events.c.item_id))
@@ -271,6 +296,13 @@ def _check_runs_jobs_reviewers(conn: Connection, report: VerifyReport, chain: _C
     report.runs = len(runs)
     for run_id, row in runs.items():
         _compare("runs", report, f"run {run_id}", run_payload(row), chain.runs.get(run_id))
+        if run_id in chain.run_times:
+            for column, recorded_at in zip(("started_at", "ended_at"), chain.run_times[run_id], strict=True):
+                if row[column] != recorded_at:
+                    shown = row[column].isoformat() if row[column] is not None else "null"
+                    when = recorded_at.isoformat() if recorded_at is not None else "none (no run_ended event)"
+                    report.add(Problem("runs", f"run {run_id}: {column} {shown} differs from its event's time, "
+                                               f"{when}", chain.runs[run_id][0]))  # fmt: skip
     for run_id, (seq, _) in chain.runs.items():
         if run_id not in runs:
             report.add(Problem("runs", f"run {run_id} is missing from runs (deleted)", seq))
