@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.cluster import connection
 from pipeline.cluster.connection import ClusterError, Dashboard, auth_token, resolve_address
 from pipeline.cluster.resources import check_fit, describe, resource_plan
@@ -180,6 +181,11 @@ def test_overrides_with_a_password_are_refused_without_echoing_it():
     with pytest.raises(ClusterError) as err:
         check_overrides(["database=postgresql://genpipe:hunter2@db/audit"])
     assert "--set database: the value carries a password" in str(err.value) and "hunter2" not in str(err.value)
+    for leaky in ("postgresql://genpipe:hunter/2@db/audit", "postgresql://genpipe@db/audit?password=hunter2",
+                  "postgresql://db/audit?sslmode=require&PASSWORD=x", "s3://b/o?token=abc"):  # fmt: skip
+        with pytest.raises(ClusterError, match="carries a password"):
+            check_overrides([f"database={leaky}"])
+    check_overrides(["output=s3://bucket/runs/a:b", "manifest=s3://b/m.parquet?versionId=3"])  # no secret here
 
 
 def test_running_jobs_match_by_metadata_or_id():
@@ -197,6 +203,18 @@ def test_running_jobs_match_by_metadata_or_id():
 
 
 # --- addresses and tokens -----------------------------------------------------------------------------------------
+def test_a_relative_manifest_is_passed_relative_to_the_working_directory(tmp_path, monkeypatch):
+    # Checked here from jobs/, the manifest is jobs/demo/manifest.parquet in the uploaded project.
+    monkeypatch.chdir(REPO / "jobs")
+    spec = spec_with("output=s3://b/o", "manifest=demo/manifest.parquet")
+    sub = build_submission("demo/spec.yaml", spec, ["output=s3://b/o", "manifest=demo/manifest.parquet"], "..")
+    assert sub.entrypoint.endswith("--set manifest=demo/manifest.parquet --set manifest=jobs/demo/manifest.parquet")
+    assert any("passed as jobs/demo/manifest.parquet" in note for note in sub.notes)
+    monkeypatch.chdir(REPO)  # from the project root the path is the same there: passed as it is
+    sub = build_submission(DEMO, spec_with("output=s3://b/o"), ["output=s3://b/o"], ".")
+    assert "manifest=" not in sub.entrypoint
+
+
 def test_address_resolution(monkeypatch):
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
@@ -210,6 +228,9 @@ def test_address_resolution(monkeypatch):
     assert resolve_address("head-svc:8265") == "http://head-svc:8265"
     with pytest.raises(ClusterError, match="not a Ray client address"):
         resolve_address("ray://head:10001")
+    for bad in ("http://127.0.0.1:99999", "127.0.0.1:abc", "http://a b:8265", "http://[::1"):
+        with pytest.raises(ClusterError, match="expected the dashboard's URL"):  # not a requests traceback
+            resolve_address(bad)
 
 
 def test_token_sources_follow_rays_precedence(monkeypatch, tmp_path):
@@ -284,7 +305,7 @@ def test_a_silent_address_times_out_instead_of_hanging(monkeypatch):
     )
 
 
-def test_something_else_at_the_address_is_named():
+def test_something_else_at_the_address_is_named(capsys):
     class NotRay(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             self.send_error(404)
@@ -298,6 +319,10 @@ def test_something_else_at_the_address_is_named():
         url = f"http://127.0.0.1:{server.server_address[1]}"
         with pytest.raises(ClusterError, match=r"answers but is not a Ray dashboard \(404 on /api/version\)"):
             Dashboard(url).version()
+        capsys.readouterr()
+        for command in ("status", "logs", "stop"):  # said as such, not as "no job x on the cluster"
+            assert main([command, "x", "--address", url]) == 2
+            assert "is not a Ray dashboard (404 on /api/version)" in capsys.readouterr().err
     finally:
         server.shutdown()
 

@@ -184,11 +184,12 @@ def _wait(dash, sid: str, timeout: float | None) -> int:
 
 # --- status / logs / stop ---------------------------------------------------------------------------------
 def _job_info(dash, sid: str):
+    dash.version()  # not a dashboard (its 404 on /api/version) or unreachable: said as such, not as "no job"
     try:
         with dash.errors():
             return dash.jobs.get_job_info(sid)
     except GenpipeError as exc:
-        if "404" in str(exc) or "does not exist" in str(exc):
+        if "does not exist" in str(exc) or "status code 404" in str(exc):
             raise GenpipeError(
                 f"no job {sid} on the cluster at {dash.url}; `ray job list --address {dash.url}` lists them"
             ) from None

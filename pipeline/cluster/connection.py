@@ -49,8 +49,13 @@ def resolve_address(address: str | None) -> str:
         raise ClusterError(f"--address {url}: give the dashboard's URL (http://HEAD:8265), not a Ray client address")
     if "://" not in url:
         url = f"http://{url}"
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and not any(c.isspace() for c in url)
+    except ValueError:
+        ok = False
+    if not ok:
         raise ClusterError(f"--address {url}: expected the dashboard's URL, like http://HEAD:8265")
     return url
 
@@ -141,6 +146,8 @@ class Dashboard:
             raise ClusterError(self._unreachable(f"no answer within {waited:g} s")) from None
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
             raise ClusterError(self._unreachable(_reason(exc))) from None
+        except requests.exceptions.InvalidURL as exc:
+            raise ClusterError(f"--address {self.url}: not a usable URL ({_one_line(str(exc))})") from None
         except AuthenticationError as exc:
             status = 403 if "Authentication failed" in str(exc) else 401
             raise ClusterError(self._auth_message(status)) from None

@@ -56,8 +56,12 @@ EXCLUDES = [
     "*.egg-info",
     "node_modules",
 ]
-#: ``scheme://user:password@host`` — a URL carrying a password.
-URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")
+#: ``scheme://user:password@host`` — a URL carrying a password (which may hold a "/": SQLAlchemy takes
+#: everything up to the last "@"), or a ``password=`` / ``secret=`` / ``token=`` query parameter.
+URL_WITH_PASSWORD = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*://[^@\s:/]*:[^@\s]+@|[?&](?:password|passwd|pwd|secret|token|sslpassword)=",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -136,8 +140,13 @@ def build_submission(
     notes: list[str] = []
     # A URL is read from there by the job; a file travels with the project.
     shown_spec = spec_path if "://" in spec_path else _inside(spec_path, working_dir, "spec")
+    moved_manifest = None
     if _is_relative(spec.manifest):
-        _inside(spec.manifest, working_dir, "manifest")  # uploaded with the project
+        # Uploaded with the project; the job resolves it against the working directory, not the one it was
+        # checked from here, so it is passed on in that form when the two differ.
+        rel = _inside(spec.manifest, working_dir, "manifest")
+        if rel != posixpath.normpath(spec.manifest.removeprefix("file://")):
+            moved_manifest = rel
     elif (manifest := local_path(spec.manifest)) is not None:
         notes.append(f"manifest {manifest} is a local path: the head node must see it at that path")
     out = local_path(spec.output)
@@ -155,6 +164,9 @@ def build_submission(
     argv = ["python", "-m", ENTRYPOINT_MODULE, shown_spec]
     for text in overrides:
         argv += ["--set", text]
+    if moved_manifest is not None:
+        argv += ["--set", f"manifest={moved_manifest}"]
+        notes.append(f"manifest {spec.manifest} is passed as {moved_manifest}, relative to the working directory")
     return Submission(
         job=spec.name,
         entrypoint=shlex.join(argv),
