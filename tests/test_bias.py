@@ -217,3 +217,16 @@ def test_report_bias_cli_never_creates_a_database_nor_guesses_a_relative_output(
     assert not any(elsewhere.iterdir())
     monkeypatch.chdir(ran_in)  # from where the job ran, its relative output is found
     assert args.fn(args) == 0 and (ran_in / "runs" / "demo" / "job-r" / "reports" / "bias" / "bias.md").exists()
+
+
+def test_a_campaign_name_cannot_break_the_markdown_table():
+    from pipeline.report.bias import render_markdown
+
+    records = [dataclasses.replace(r, campaign="spring | sale `x`\nnew") for r in _records()]
+    text = render_markdown(compute_bias_report(records, "job-b", BiasSpec(min_group_size=1)))
+    lines = text.splitlines()
+    assert "- **campaign `spring \\| sale 'x' new`**: skin_tone mad 0.180 >= 0.05" in lines  # one line
+    header = next(line for line in lines if line.startswith("| group |"))
+    row = next(line for line in lines if line.startswith("| `spring"))
+    assert row.startswith("| `spring \\| sale 'x' new` |")
+    assert row.replace("\\|", "").count("|") == header.count("|")  # as many cells as the header

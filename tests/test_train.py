@@ -317,3 +317,104 @@ def test_make_dataset_writes_a_parquet_the_loader_reads(tmp_path):
         assert len(data.train) == 8 and not data.skipped
     img = Image.open(io.BytesIO(data.train[0].image))
     assert img.size == (32, 32)
+
+
+# --- findings of a review: odd images and captions, few samples, outputs that cannot resume or be written ------
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if img.mode != "I" else "TIFF")
+    return buf.getvalue()
+
+
+def test_copies_boms_and_wide_pixels_are_handled_not_learned_wrong(tmp_path):
+    from pipeline.train.data import Sample, pixel_tensor
+
+    pairs = shapes(16, 32)
+    for i, (png, caption) in enumerate(pairs):
+        (tmp_path / f"s{i:02d}.png").write_bytes(png)
+        (tmp_path / f"s{i:02d}.txt").write_text(caption)
+    for i in range(3):  # the same image and caption again: skipped, never on both sides of the split
+        shutil.copy(tmp_path / "s03.png", tmp_path / f"copy{i}.png")
+        shutil.copy(tmp_path / "s03.txt", tmp_path / f"copy{i}.txt")
+    shutil.copy(tmp_path / "s04.png", tmp_path / "recaptioned.png")  # same image, another caption: kept
+    (tmp_path / "recaptioned.txt").write_text("the same shape, described differently")
+    (tmp_path / "s05.txt").write_bytes("\ufeffa caption saved with a byte order mark".encode())
+    (tmp_path / "wide16.png").write_bytes(_png(Image.fromarray(np.full((32, 32), 32896, np.uint16))))
+    (tmp_path / "wide16.txt").write_text("a mid-grey 16-bit image")
+    (tmp_path / "int32.tif").write_bytes(_png(Image.fromarray(np.full((32, 32), 5, np.int32), mode="I")))
+    (tmp_path / "int32.txt").write_text("a 32-bit integer image")
+    spec = load_train_spec(None, base=spec_data({"path": str(tmp_path)}, tmp_path / "o"))
+    data = load_data(spec)
+    assert dict(data.skipped) == {"duplicate (same image and caption)": 3,
+                                  "unsupported pixel format I (32-bit integer)": 1}  # fmt: skip
+    assert "s03.png: duplicate (same image and caption) of copy0.png" in data.skipped_examples  # sorted: copy0 first
+    captions = {s.source: s.caption for s in data.train + data.holdout}
+    assert captions["s05.png"] == "a caption saved with a byte order mark"
+    sides = {s.source: s in data.holdout for s in data.train + data.holdout}
+    assert sides["s04.png"] == sides["recaptioned.png"]  # one image: training or held out, not both
+    grey = next(s for s in data.train + data.holdout if s.source == "wide16.png")
+    pixels = pixel_tensor(grey, 32, True, False, __import__("random").Random(0))
+    assert abs(float(pixels.mean())) < 0.01  # mid-grey, not clamped to white
+    assert isinstance(grey, Sample)
+
+
+def test_fewer_samples_than_workers_still_gives_every_worker_a_batch():
+    for n, world in ((8, 17), (9, 32), (8, 20)):
+        shares = [batch_indices(n, 2, world, rank, seed=0, micro=0)[1] for rank in range(world)]
+        assert all(shares) and {i for share in shares for i in share} == set(range(n)), (n, world)
+
+
+def test_an_interrupted_first_run_does_not_block_a_changed_rerun(tmp_path):
+    from pipeline.train.report import REPORT_JSON
+    from pipeline.train.runner import SPEC_KEY, check_resumable
+
+    base = spec_data({"synthetic": {"count": 16}}, tmp_path / "o")
+    first, changed = load_train_spec(None, base=base), load_train_spec(None, ["batch_size=2"], base=base)
+    store = Storage(str(tmp_path / "o"))
+    check_resumable(store, first)  # the first run wrote its settings, then was interrupted before a checkpoint
+    check_resumable(store, changed)  # nothing to resume: the new settings start over
+    assert json.loads(store.read(SPEC_KEY))["spec"]["batch_size"] == 2
+    store.write_atomic(REPORT_JSON, b"{}")  # a run that got somewhere is never mixed with other settings
+    with pytest.raises(SpecError, match="cannot be resumed"):
+        check_resumable(store, first)
+
+
+def test_unreadable_dataset_and_unwritable_output_are_one_line_errors(tiny_models, tmp_path):
+    with pytest.raises(DatasetError, match=r"dataset.path: 'nosuchproto://bucket/x.parquet' cannot be read"):
+        load_data(load_train_spec(None, base=spec_data({"path": "nosuchproto://bucket/x.parquet"}, tmp_path / "o")))
+    (tmp_path / "a-file").write_text("x")
+    spec = load_train_spec(None, base=spec_data({"synthetic": {"count": 16}}, tmp_path / "a-file" / "out"))
+    with pytest.raises(SpecError, match=r"output: .*a-file/out' cannot be written"):
+        train_lora(spec, quiet=True)
+
+
+def test_an_unreachable_ray_address_fails_in_seconds(monkeypatch):
+    import time
+
+    from pipeline.errors import GenpipeError
+    from pipeline.executors.ray_data import check_reachable
+
+    started = time.monotonic()
+    with pytest.raises(GenpipeError, match=r"RAY_ADDRESS=127.0.0.1:1: cannot connect to the Ray head"):
+        check_reachable("127.0.0.1:1")
+    assert time.monotonic() - started < 10
+    check_reachable("auto")  # Ray's own forms are left to Ray
+
+
+@pytest.mark.ray
+def test_workers_the_cluster_cannot_place_are_refused_before_anything_is_written(tiny_models, tmp_path):
+    import ray
+
+    try:
+        cases = ((["resources.use_gpu=true"], "asks for 1 GPUs"),
+                 (["resources.workers=3", "resources.cpus_per_worker=1"], "asks for 3 CPUs"))  # fmt: skip
+        for overrides, says in cases:
+            out = tmp_path / f"o{len(overrides)}"
+            base = spec_data({"synthetic": {"count": 16}}, out, executor="ray")
+            with pytest.raises(SpecError, match=rf"the Ray cluster cannot run this training: .*{says}"):
+                train_lora(load_train_spec(None, overrides, base=base), quiet=True)
+            assert not out.exists()
+    finally:
+        ray.shutdown()

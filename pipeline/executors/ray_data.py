@@ -11,11 +11,14 @@ import contextlib
 import logging
 import os
 import random
+import re
+import socket
 import time
 from collections.abc import Callable
 
 import pyarrow as pa
 
+from pipeline.errors import GenpipeError
 from pipeline.executors.common import SINK_MAX_ITEMS, coalesced, run_stage
 from pipeline.executors.shards import read_batch
 from pipeline.metrics import record_stage_latency
@@ -86,6 +89,28 @@ def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
     return out
 
 
+#: How long ``init_ray`` waits for the head node named in RAY_ADDRESS to accept a connection.
+CONNECT_TIMEOUT_S = 5.0
+_HOST_PORT = re.compile(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d{1,5})")
+
+
+def check_reachable(address: str) -> None:
+    """A one-line error now when RAY_ADDRESS names a ``host:port`` nothing answers on; ``ray.init`` itself
+    retries an unreachable head for minutes, printing C++ warnings. ``auto`` and other forms are Ray's."""
+    match = _HOST_PORT.fullmatch(address.strip())
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise GenpipeError(
+            f"RAY_ADDRESS={address}: cannot connect to the Ray head ({reason} within {CONNECT_TIMEOUT_S:g} s); "
+            "is the cluster up? unset RAY_ADDRESS to run on a local Ray"
+        ) from None
+
+
 def init_ray(num_cpus: float | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray for this process."""
     import ray
@@ -93,6 +118,7 @@ def init_ray(num_cpus: float | None = None) -> None:
     if not ray.is_initialized():
         env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
         if os.environ.get("RAY_ADDRESS"):
+            check_reachable(os.environ["RAY_ADDRESS"])
             # Inside a submitted job the job's own runtime_env (working_dir, env_vars) already applies; ours must
             # override rather than fail to merge when both name HF_HUB_OFFLINE.
             os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")

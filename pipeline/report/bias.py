@@ -166,6 +166,11 @@ def compute_bias_report(records: Iterable[Item], job: str, config: BiasSpec | No
 # --- rendering ----------------------------------------------------------------------------------------------------
 
 
+def _code(name: str) -> str:
+    """A group name (campaigns are free text) as one line inside `...` in a table cell."""
+    return " ".join(name.split()).replace("`", "'").replace("|", "\\|")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Bias report — job `{report['job']}`", "", f"Generated {report['generated_at']}.", ""]
     cfg = report["config"]
@@ -173,8 +178,8 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"groups need at least {cfg['min_group_size']} person images to be flagged.", ""]  # fmt: skip
     lines += ["## Flags", ""]
     if report["flags"]:
-        lines += [f"- **{f['level']} `{f['name']}`**: {f['attribute']} mad {f['value']:.3f} >= {f['threshold']}"
-                  for f in report["flags"]]  # fmt: skip
+        lines += [f"- **{f['level']} `{_code(f['name'])}`**: {f['attribute']} mad {f['value']:.3f} >= "
+                  f"{f['threshold']}" for f in report["flags"]]  # fmt: skip
     else:
         lines.append("No group passes a threshold.")
     lines.append("")
@@ -190,7 +195,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             sep += "---:|---|"
         lines += [head, sep]
         for g in rows:
-            row = f"| `{g['name']}` | {g['images']} | {g['person']} | {g['no_person']} | {g['unscored']} |"
+            row = f"| `{_code(g['name'])}` | {g['images']} | {g['person']} | {g['no_person']} | {g['unscored']} |"
             for a in cfg["attributes"]:
                 s = g["attributes"][a]
                 mad = "—" if s["mad"] is None else f"{s['mad']:.3f}"

@@ -9,6 +9,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import posixpath
@@ -70,19 +71,34 @@ def load_data(spec: TrainSpec) -> TrainData:
     skipped: Counter = Counter()
     examples: list[str] = []
     usable: list[Sample] = []
+    digests: list[bytes] = []
+    first_of: dict[tuple[bytes, str], str] = {}  # (image sha256, caption) -> the sample's first source
     for source, caption, image, problem in iter_raw(spec.dataset):
         problem = problem or caption_problem(caption) or image_problem(image)
+        if not problem:
+            digest = hashlib.sha256(image).digest()
+            first = first_of.setdefault((digest, caption.strip()), source)
+            problem = None if first == source else "duplicate (same image and caption)"
         if problem:
             skipped[problem] += 1
             if len(examples) < MAX_SKIP_EXAMPLES:
-                examples.append(f"{source}: {problem}")
+                examples.append(f"{source}: {problem}" + (f" of {first}" if problem.startswith("duplicate") else ""))
             continue
         usable.append(Sample(source, caption.strip(), image))
-    holdout_n = spec.holdout
-    order = list(range(len(usable)))
-    random.Random(spec.seed).shuffle(order)
-    holdout = [usable[i] for i in sorted(order[:holdout_n])]
-    train = [usable[i] for i in sorted(order[holdout_n:])]
+        digests.append(digest)
+    # Held-out samples must be unseen in training: copies of one image (with other captions) stay on one side.
+    groups: dict[bytes, list[int]] = {}
+    for i, digest in enumerate(digests):
+        groups.setdefault(digest, []).append(i)
+    keys = list(groups)
+    random.Random(spec.seed).shuffle(keys)
+    held: set[int] = set()
+    for key in keys:
+        if len(held) >= spec.holdout:
+            break
+        held.update(groups[key])
+    holdout = [s for i, s in enumerate(usable) if i in held]
+    train = [s for i, s in enumerate(usable) if i not in held]
     data = TrainData(train, holdout, skipped, examples)
     if len(train) < MIN_TRAIN_SAMPLES:
         skipped_text = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or "none"
@@ -122,6 +138,10 @@ def image_problem(data: bytes | None) -> str | None:
             img.load()
             if img.width < 1 or img.height < 1:
                 return "unreadable image"
+            if img.mode in ("I", "F"):
+                # 32-bit integer or float pixels have no fixed white: converting clamps them (mid-grey turns
+                # white or black), so the model would learn wrong pixels.
+                return f"unsupported pixel format {img.mode} (32-bit {'float' if img.mode == 'F' else 'integer'})"
     except Exception:  # PIL raises many kinds (UnidentifiedImageError, OSError, DecompressionBombError...)
         return "unreadable image"
     return None
@@ -136,20 +156,26 @@ def iter_raw(dataset: DatasetSpec) -> Iterator[tuple[str, object, bytes | None, 
         for i, (png, caption) in enumerate(shapes(s.count, s.size, s.seed)):
             yield f"shape {i}", caption, png, None
         return
-    fs, root = _fs(dataset.path)
-    if not fs.exists(root):
-        raise DatasetError(f"dataset.path: {dataset.path!r} does not exist")
+    try:
+        fs, root = _fs(dataset.path)
+        if not fs.exists(root):
+            raise DatasetError(f"dataset.path: {dataset.path!r} does not exist")
+        is_dir = fs.isdir(root)
+        parquet_files = [root] if not is_dir else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    except DatasetError:
+        raise
+    except Exception as exc:  # fsspec backends raise their own kinds (no credentials, unknown protocol, denied)
+        raise DatasetError(f"dataset.path: {dataset.path!r} cannot be read: {type(exc).__name__}: {exc}") from None
     fmt = dataset.format
-    parquet_files = [root] if not fs.isdir(root) else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
     if fmt == "auto":
-        fmt = "parquet" if root.endswith(".parquet") or (fs.isdir(root) and parquet_files) else "folder"
+        fmt = "parquet" if root.endswith(".parquet") or (is_dir and parquet_files) else "folder"
     if fmt == "parquet":
         if not parquet_files:
             raise DatasetError(f"dataset.path: {dataset.path!r} holds no .parquet files")
         for path in parquet_files:
             yield from _iter_parquet(fs, path, dataset)
     else:
-        if not fs.isdir(root):
+        if not is_dir:
             raise DatasetError(f"dataset.path: {dataset.path!r} is a file; a folder dataset is a directory")
         yield from _iter_folder(fs, root)
 
@@ -226,7 +252,7 @@ def _iter_folder(fs, root: str) -> Iterator[tuple[str, object, bytes | None, str
             yield rel, None, None, "missing caption"
             continue
         try:
-            caption = fs.cat_file(text_path).decode("utf-8")
+            caption = fs.cat_file(text_path).decode("utf-8-sig")  # a byte order mark is not part of the caption
         except UnicodeDecodeError:
             yield rel, None, None, "caption is not UTF-8"
             continue
@@ -255,9 +281,21 @@ def batch_indices(n: int, batch_size: int, world: int, rank: int, seed: int, mic
     order = list(range(n))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     per_worker = math.ceil(n / world)
-    order += order[: per_worker * world - n]
+    order = (order * math.ceil(per_worker * world / n))[: per_worker * world]  # fewer samples than workers: cycle
     mine = order[rank::world]
     return epoch, mine[j * batch_size : (j + 1) * batch_size]
+
+
+def _as_rgb(img):
+    """8-bit RGB. 16-bit greyscale (PNG ``I;16``) is scaled to 8 bits first: ``convert`` would clamp it, and
+    every pixel above 255 of 65535 would turn white."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def pixel_tensor(sample: Sample, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
@@ -267,7 +305,7 @@ def pixel_tensor(sample: Sample, resolution: int, center_crop: bool, flip: bool,
     from PIL import Image
 
     with Image.open(io.BytesIO(sample.image)) as img:
-        img = img.convert("RGB")
+        img = _as_rgb(img)
     scale = resolution / min(img.size)
     size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
     img = img.resize(size, Image.Resampling.BILINEAR)

@@ -76,6 +76,39 @@ def _ray_worker(config: dict[str, Any]) -> None:
     train_worker(job, RayWorkerContext.current(config.get("progress")))
 
 
+def connect(spec) -> None:
+    """Start or join Ray and check that it can place ``resources.workers`` workers of this spec; a ``SpecError``
+    naming what does not fit otherwise (Ray Train would wait for them forever, silently).
+    GENPIPE_NO_PRECHECK=1 skips the check (autoscaling clusters grow later)."""
+    import os
+
+    import ray
+
+    from pipeline.cluster.resources import check_fit
+    from pipeline.errors import SpecError
+    from pipeline.executors.ray_data import init_ray
+
+    init_ray()
+    if os.environ.get("GENPIPE_NO_PRECHECK") == "1":
+        return
+    res = spec.resources
+    worker = {"count": res.workers, "num_gpus": 1.0 if res.use_gpu else 0.0, "num_cpus": res.cpus_per_worker}
+    plan = {
+        "actors": {"training worker": worker},
+        "tasks": {"trainer": {"num_cpus": 0.0}},
+        "total_gpus": worker["count"] * worker["num_gpus"],
+        "total_cpus": worker["count"] * worker["num_cpus"],
+    }
+    problems = check_fit(plan, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    if problems:
+        raise SpecError(
+            f"resources: the Ray cluster cannot run this training: {problems[0]}; lower resources.workers / "
+            "resources.cpus_per_worker / resources.use_gpu or add nodes (GENPIPE_NO_PRECHECK=1 on an autoscaling "
+            "cluster)",
+            problems=problems[1:],
+        )
+
+
 def run_on_ray(job: WorkerJob) -> None:
     """Run ``job`` on ``resources.workers`` Ray Train workers and wait; ``TrainFailed`` with the cause on error."""
     import ray

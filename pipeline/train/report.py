@@ -140,5 +140,6 @@ def render_markdown(r: dict[str, Any]) -> str:
             for row in ev["images"]:
                 base = f"![]({row['base']})" if "base" in row else row.get("base_error", "failed")
                 lora = f"![]({row['lora']})" if "lora" in row else row.get("lora_error", "failed")
-                lines.append(f"| {row['prompt']} | {base} | {lora} | {row.get('mean_abs_pixel_diff', 'n/a')} |")
+                prompt = " ".join(str(row["prompt"]).split()).replace("|", "\\|")  # one table row, four cells
+                lines.append(f"| {prompt} | {base} | {lora} | {row.get('mean_abs_pixel_diff', 'n/a')} |")
     return "\n".join(lines) + "\n"

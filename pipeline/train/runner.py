@@ -16,10 +16,11 @@ from pydantic import ValidationError
 from pipeline.config import apply_overrides, format_errors, load_spec_data
 from pipeline.errors import SpecError
 from pipeline.models.diffusers_loader import ModelError
-from pipeline.storage import Storage
+from pipeline.storage import Storage, StorageError
 from pipeline.train.checkpoint import checkpoint_steps
 from pipeline.train.data import load_data
 from pipeline.train.loop import WorkerContext, WorkerJob, total_steps, train_worker
+from pipeline.train.model import ADAPTER_FILE as ADAPTER_KEY
 from pipeline.train.report import REPORT_JSON
 from schemas.train import TrainSpec
 
@@ -110,10 +111,26 @@ def check_train_spec(spec: TrainSpec) -> str:
     return resolved
 
 
+def open_output(spec: TrainSpec) -> Storage:
+    """The output location, checked writable now (a file in the way, no permission) with a ``SpecError``."""
+    try:
+        store = Storage(spec.output)
+        store.write_atomic(".genpipe-write-check", b"")
+        store.delete(".genpipe-write-check")
+    except (OSError, ValueError, StorageError) as exc:
+        raise SpecError(f"output: {spec.output!r} cannot be written: {type(exc).__name__}: {exc}") from None
+    return store
+
+
+def _has_results(store: Storage) -> bool:
+    return bool(checkpoint_steps(store)) or store.exists(REPORT_JSON) or store.exists(ADAPTER_KEY)
+
+
 def check_resumable(store: Storage, spec: TrainSpec) -> None:
-    """A rerun may continue (or extend) the run in its output, never silently mix in different settings."""
+    """A rerun may continue (or extend) the run in its output, never silently mix in different settings. An
+    output whose run left nothing yet (interrupted before its first checkpoint) starts over with the new ones."""
     new = spec.weights_fingerprint()
-    if store.exists(SPEC_KEY):
+    if store.exists(SPEC_KEY) and _has_results(store):
         old = json.loads(store.read(SPEC_KEY)).get("fingerprint", {})
         changed = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
         if changed:
@@ -143,7 +160,11 @@ def train_lora(spec: TrainSpec, quiet: bool = False) -> TrainSummary:
     # 1. Fail fast: model, target modules, settings, then the dataset (read once, on the driver).
     model_path = check_train_spec(spec)
     data = load_data(spec)
-    store = Storage(spec.output)
+    if spec.executor == "ray":
+        from pipeline.train.distributed import connect
+
+        connect(spec)  # Ray reachable and able to place the workers, before anything is written
+    store = open_output(spec)
     check_resumable(store, spec)
     workers = spec.resources.workers if spec.executor == "ray" else 1
     total, done = total_steps(spec, len(data.train), workers), checkpoint_steps(store)
