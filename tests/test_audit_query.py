@@ -153,6 +153,7 @@ FILTERS = [
     (["--search", INJECTION], {3}),
     (["--search", '" OR 1=1'], {4}),
     (["--search", "«crème» 日本語"], {5}),
+    (["--search", "CAFÉ «CRÈME»"], {5}),  # case folds beyond ASCII on SQLite too
     (["--job", "A", "--campaign", "spring", "--min-nsfw", "0.5"], {1}),
 ]
 
@@ -377,3 +378,31 @@ def test_since_and_until_at_a_records_own_time_include_it(backend, tmp_path, cap
         day = at.date()
         assert found("--until", day.strftime("%Y%m%d")) == found("--since", day.isoformat()) == 1  # whole days
         assert found("--until", (day - timedelta(days=1)).strftime("%Y%m%d")) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_export_is_one_state_of_the_log_even_when_a_review_lands_meanwhile(backend, tmp_path, monkeypatch):
+    import pipeline.audit.query as query_module
+    from pipeline.audit.query import export_approved
+
+    with contextlib.ExitStack() as stack:
+        url = f"sqlite:///{tmp_path}/audit.db" if backend == "sqlite" else stack.enter_context(fresh_database())
+        store = AuditStore(url)
+        stack.callback(store.dispose)
+        item = make_item("J", 0, status="generated", decision="pass", image_uri="/i/0.png", image_sha256="0" * 64)
+        store.write_items([item], None)
+        store.add_reviewer("alice", "admin")
+        real_head = query_module.chain_head
+
+        def head_then_a_review(conn):
+            head = real_head(conn)
+            other = AuditStore(url)  # another reviewer rejects the image between the two reads
+            other.record_review([item.item_id], "reject", "alice", "nsfw_confirmed")
+            other.dispose()
+            return head
+
+        monkeypatch.setattr(query_module, "chain_head", head_then_a_review)
+        before = store.chain_head()
+        assert export_approved(store, str(tmp_path / "approved.parquet")) == 1  # the state the head names
+        meta = pq.read_schema(tmp_path / "approved.parquet").metadata[b"genpipe.chain_head"]
+        assert json.loads(meta) == {"seq": before[0], "hash": before[1]} and store.chain_head()[0] == before[0] + 1

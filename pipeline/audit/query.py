@@ -9,6 +9,7 @@ escalate: state, reviewer, reason, text, time, event seq); ``pipeline.audit.form
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy import Connection, String, case, exists, func, select, type_coerce
 
-from pipeline.audit.chain import ITEM_FIELDS, REVIEW_KINDS, canonical_json
+from pipeline.audit.chain import ITEM_FIELDS, REVIEW_KINDS, canonical_json, chain_head
 from pipeline.audit.formats import open_output, write_parquet
 from pipeline.audit.records import RECORD_FIELDS, RESULTS_SCHEMA
 from pipeline.audit.reviews import EFFECTIVE_DECISIONS, PUBLISHABLE, effective_decision_expr, latest_decision_subquery
 from pipeline.audit.schema import EventRow, ItemRow, ReviewerRow
+from pipeline.audit.store import CASEFOLD_SQL
 from pipeline.errors import GenpipeError
 from schemas.record import SUPERSEDED, TERMINAL_STATUSES
 
@@ -192,7 +194,11 @@ def select_records(filters: QueryFilters, dialect: str) -> Any:
     if filters.until is not None:
         query = query.where(created < _time_bound(filters.until, dialect, up=True))
     if filters.search:
-        query = query.where(_items.c.prompt.icontains(filters.search, autoescape=True))
+        if dialect == "sqlite":  # lower() there folds ASCII only; ILIKE on PostgreSQL folds every script
+            folded = getattr(func, CASEFOLD_SQL)(_items.c.prompt)
+            query = query.where(folded.contains(filters.search.casefold(), autoescape=True))
+        else:
+            query = query.where(_items.c.prompt.icontains(filters.search, autoescape=True))
     sort_by = {"decision": effective, "reviewed_at": review.c.created_at}
     if filters.sort in sort_by:
         key = sort_by[filters.sort]
@@ -231,9 +237,12 @@ def row_to_record(row: Any) -> dict[str, Any]:
     return record
 
 
-def iter_records(store: Any, filters: QueryFilters, batch: int = 500) -> Iterator[dict[str, Any]]:
-    """Stream the records matching ``filters``; raises ``QueryError`` for bad filters before yielding."""
-    with store.engine.connect() as conn:
+def iter_records(
+    store: Any, filters: QueryFilters, batch: int = 500, conn: Connection | None = None
+) -> Iterator[dict[str, Any]]:
+    """Stream the records matching ``filters``; raises ``QueryError`` for bad filters before yielding.
+    ``conn``: read on it (e.g. a ``store.snapshot()``) instead of a connection of its own."""
+    with contextlib.nullcontext(conn) if conn is not None else store.engine.connect() as conn:
         _check(filters, conn)
         query = select_records(filters, store.dialect)
         result = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
@@ -271,14 +280,15 @@ def export_approved(store: Any, out: str, job: str | None = None) -> int:
     manifest can be traced to the exact audit state it came from.
     """
     filters = QueryFilters(jobs=[job] if job else [], statuses=["generated"], decisions=list(PUBLISHABLE))
-    head = store.chain_head()
-    meta = {b"genpipe.chain_head": canonical_json({"seq": head[0], "hash": head[1]} if head else None).encode()}
-    schema = EXPORT_SCHEMA.with_metadata(meta)
+    with store.snapshot() as conn:  # the head and the rows from one state: no review can fall between them
+        head = chain_head(conn)
+        meta = {b"genpipe.chain_head": canonical_json({"seq": head[0], "hash": head[1]} if head else None).encode()}
+        schema = EXPORT_SCHEMA.with_metadata(meta)
 
-    def rows() -> Iterator[dict[str, Any]]:
-        for record in iter_records(store, filters):
-            if record["image_uri"] and record["image_sha256"]:
-                yield {name: record.get(name) for name in (*RESULTS_SCHEMA.names, "effective_decision", "review")}
+        def rows() -> Iterator[dict[str, Any]]:
+            for record in iter_records(store, filters, conn=conn):
+                if record["image_uri"] and record["image_sha256"]:
+                    yield {name: record.get(name) for name in (*RESULTS_SCHEMA.names, "effective_decision", "review")}
 
-    with open_output(out, binary=True) as f:
-        return write_parquet(rows(), f, schema=schema)
+        with open_output(out, binary=True) as f:
+            return write_parquet(rows(), f, schema=schema)

@@ -12,6 +12,7 @@ process's life, and keep every write short: GPU actors never hold a session long
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -550,6 +551,16 @@ class AuditStore:
                 found.extend(_row_to_item(row) for row in conn.execute(select(*cols).where(*where)))
         return found
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A connection in one read transaction: every query on it sees the database as of its first one
+        (PostgreSQL: REPEATABLE READ; SQLite: a WAL read transaction). Writers go on meanwhile."""
+        conn = self.engine.connect()
+        if self.dialect == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn, conn.begin():
+            yield conn
+
     def counts(self, job: str) -> dict[str, int]:
         """Number of records of ``job`` by status (statuses with no records are absent)."""
         query = select(_items.c.status, func.count()).where(_items.c.job == job).group_by(_items.c.status)
@@ -649,6 +660,14 @@ def sqlite_file(url: str | URL) -> str | None:
     return u.database
 
 
+#: The SQL name of Python's ``str.casefold`` on SQLite connections (see ``_configure_sqlite``).
+CASEFOLD_SQL = "genpipe_casefold"
+
+
+def _casefold(text: Any) -> Any:
+    return text.casefold() if isinstance(text, str) else text
+
+
 def _configure_sqlite(engine: Any) -> None:
     """Per-connection SQLite settings, and SQLAlchemy (not the sqlite3 module) in charge of BEGIN."""
 
@@ -662,6 +681,8 @@ def _configure_sqlite(engine: Any) -> None:
         cur.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL stays consistent on crash
         cur.execute("PRAGMA foreign_keys = ON")  # same integrity as PostgreSQL
         cur.close()
+        # SQLite's lower() folds ASCII only: text search ("Été", "İstanbul") folds case with Python's rules.
+        dbapi_conn.create_function(CASEFOLD_SQL, 1, _casefold, deterministic=True)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:

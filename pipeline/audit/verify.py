@@ -119,10 +119,7 @@ def verify(store: Any, *, images: bool = False, anchors: tuple[str, ...] = (), m
     """Run every check on ``store``'s database; see the module docstring. Never raises for tampering."""
     report = VerifyReport(max_problems=max_problems)
     anchor_docs = [(url, read_anchor(url)) for url in anchors]  # unreadable: AnchorError before any work
-    conn = store.engine.connect()
-    if store.dialect == "postgresql":
-        conn = conn.execution_options(isolation_level="REPEATABLE READ")  # one snapshot for every pass
-    with conn, conn.begin():
+    with store.snapshot() as conn:  # one snapshot for every pass
         chain = _check_chain(conn, report)
         _check_items(conn, report, chain.times_from)
         _check_runs_jobs_reviewers(conn, report, chain)
