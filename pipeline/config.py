@@ -7,6 +7,7 @@ before anything launches.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import yaml
@@ -15,6 +16,16 @@ from pydantic import ValidationError
 from pipeline.errors import SpecError
 from pipeline.storage import open_input
 from schemas.spec import JobSpec
+
+
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe YAML 1.1, plus YAML 1.2's floats without a dot: 1.1 reads ``1e-4`` as the string "1e-4",
+    which the strict spec types would refuse, and learning rates are written that way."""
+
+
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -26,7 +37,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(path):
         raise SpecError(f"--set {text!r}: empty key in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=SpecLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise SpecError(f"--set {key}: value is not valid YAML: {exc}") from None
     return path, value
@@ -61,7 +72,7 @@ def format_errors(err: ValidationError) -> list[str]:
 def load_spec_data(path: str) -> dict[str, Any]:
     try:
         with open_input(path, "rt") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=SpecLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise SpecError(f"spec {path}: no such file") from None
     except yaml.YAMLError as exc:

@@ -119,6 +119,15 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
         apply_overrides({"name": "j"}, ["name.x=1"])
 
 
+def test_floats_without_a_dot_are_numbers_as_in_yaml_1_2(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string, which the strict types would refuse; specs read it as a float.
+    path = tmp_path / "s.yaml"
+    path.write_text("name: j\nmanifest: m.parquet\noutput: out\nsampler: {guidance_scale: 75e-1}\n")
+    assert load_spec(str(path)).sampler.guidance_scale == 7.5
+    assert load_spec(str(path), ["sampler.guidance_scale=5E+0"]).sampler.guidance_scale == 5.0
+    assert parse_override("a=1e-4") == (["a"], 1e-4) and parse_override("a='1e-4'") == (["a"], "1e-4")
+
+
 def test_parse_override_reads_yaml_scalars():
     assert parse_override("a.b=8") == (["a", "b"], 8)
     assert parse_override("a=true") == (["a"], True)

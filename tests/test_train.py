@@ -390,6 +390,14 @@ def test_unreadable_dataset_and_unwritable_output_are_one_line_errors(tiny_model
         train_lora(spec, quiet=True)
 
 
+def test_a_learning_rate_in_scientific_notation_is_a_number(tmp_path):
+    path = tmp_path / "train.yaml"
+    data = spec_data({"synthetic": {"count": 16}}, tmp_path / "o")
+    path.write_text(yaml.safe_dump(data).replace("learning_rate: 0.01", "learning_rate: 1e-4"))
+    assert "learning_rate: 1e-4" in path.read_text()
+    assert load_train_spec(str(path)).optimizer.learning_rate == 1e-4
+
+
 def test_an_unreachable_ray_address_fails_in_seconds(monkeypatch):
     import time
 
