@@ -155,6 +155,10 @@ def test_row_adapters_come_only_from_the_spec_or_its_row_lora_sources(tmp_path):
         "s3://brand/lora/../secrets/x": "'.' or '..' segments",
         "s3://brand/lora/%2e%2e/secrets": "escapes",
         "s3://brand/lora/x?versionId=1": "a query",
+        # fsspec chains: the outer filesystem is local and reads the path before '::', wherever it points
+        f"{approved}/../../secret/x.safetensors::memory://": "'::' chain",
+        f"{approved}/brand::memory://": "'::' chain",
+        f"{approved}/x://y": "'::' chain",  # a '://' that does not start a URL
     }
     for path, reason in outside.items():
         problems = _lora_problems(spec, path)

@@ -20,15 +20,20 @@ import re
 from schemas.spec import ModelSpec
 
 _TRICKY_URL = re.compile(r"%2e|%2f|%5c|\\|[?#]", re.IGNORECASE)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    return _SCHEME.match(path) is not None and not path.startswith("file://")
 
 
 @functools.lru_cache(maxsize=4096)
 def normal_location(path: str) -> str | None:
-    """The place ``path`` names, comparable by prefix; None for a URL that could name a place other than it reads."""
+    """The place ``path`` names, comparable by prefix; None for a path that could name a place other than it reads:
+    an fsspec chain (``a::memory://``: the outer filesystem reads ``a``, whatever the prefix looked like), a
+    ``://`` that does not start a URL, and URLs with dot segments, escapes, queries or fragments."""
+    if "::" in path or ("://" in path and _SCHEME.match(path) is None):
+        return None
     if is_url(path):
         protocol, _, rest = path.partition("://")
         segments = rest.split("/")
@@ -54,7 +59,8 @@ class LoraSources:
         """Why a row may not use the adapter at ``path``, or None when it may."""
         where = normal_location(path)
         if where is None:
-            return f"adapter {path!r}: a URL with '.' or '..' segments, escapes, a query or a fragment is not allowed"
+            return (f"adapter {path!r}: a '::' chain, or a URL with '.' or '..' segments, escapes, a query or a "
+                    "fragment, is not allowed")  # fmt: skip
         if where in self._own or any(_within(where, root) for root in self._roots):
             return None
         return (f"adapter {path!r} is neither one of the spec's adapters (model.lora) nor under "
