@@ -186,6 +186,8 @@ def test_overrides_with_a_password_are_refused_without_echoing_it():
         with pytest.raises(ClusterError, match="carries a password"):
             check_overrides([f"database={leaky}"])
     check_overrides(["output=s3://bucket/runs/a:b", "manifest=s3://b/m.parquet?versionId=3"])  # no secret here
+    with pytest.raises(ClusterError, match="carries a password"):  # inside a list of mappings too
+        check_overrides(['model.lora=[{path: "https://u:hunter2@cdn.internal/lora", scale: 1}]'])
 
 
 def test_running_jobs_match_by_metadata_or_id():

@@ -13,6 +13,7 @@ import posixpath
 import re
 import secrets
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -120,12 +121,25 @@ def check_overrides(overrides: list[str]) -> None:
     anyone who lists jobs."""
     for text in overrides:
         path, value = parse_override(text)
-        if isinstance(value, str) and URL_WITH_PASSWORD.search(value):
+        if any(URL_WITH_PASSWORD.search(v) for v in _strings(value)):
             raise ClusterError(
                 f"--set {'.'.join(path)}: the value carries a password, which would be stored in the "
                 "job's entrypoint; put the URL in the spec from a secret-free source or give the "
                 "cluster's pods the credentials (see infra/README.md)"
             )
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a --set value, also inside lists and mappings (``model.lora=[{path: URL}]``)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
 
 
 def build_submission(
