@@ -431,6 +431,24 @@ def test_the_db_keeps_only_a_hash_of_live_sessions(env: Env, monkeypatch) -> Non
     assert [r["reviewer_id"] for r in session_rows(env.store)] == [root_id]
 
 
+def test_a_password_change_during_sign_in_leaves_no_session(env: Env, monkeypatch) -> None:
+    import pipeline.audit.reviews as reviews
+    from pipeline.audit.sessions import sign_in as sign_in_reviewer
+
+    real = reviews.check_password
+
+    def check_then_change(stored, password):  # the change lands between the check and the session's insert
+        ok = real(stored, password)
+        env.store.update_reviewer("alice", password="changed-meanwhile")
+        return ok
+
+    monkeypatch.setattr(reviews, "check_password", check_then_change)
+    assert sign_in_reviewer(env.store, "alice", PASSWORDS["alice"], 60) is None
+    assert session_rows(env.store) == []
+    monkeypatch.undo()
+    assert sign_in_reviewer(env.store, "alice", "changed-meanwhile", 60)[0]["name"] == "alice"
+
+
 def test_an_admin_signs_a_reviewer_out_everywhere_and_manages_them_from_the_cli(env: Env, monkeypatch, capsys) -> None:
     from pipeline.cli import main
 

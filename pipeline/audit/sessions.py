@@ -13,7 +13,7 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, delete, insert, literal, select
 
 from pipeline.audit.schema import ReviewerRow, ReviewSessionRow
 
@@ -26,18 +26,41 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def start_session(store: Any, reviewer_id: int, ttl_s: float) -> str:
-    """A new session for the reviewer, valid for ``ttl_s`` seconds; returns its key (for the cookie only).
-    Expired sessions of everyone are deleted on the way, so the table holds live sessions only."""
+def sign_in(store: Any, name: str, password: str, ttl_s: float) -> tuple[dict[str, Any], str] | None:
+    """Check the password and start a session valid for ``ttl_s`` seconds: (reviewer id/name/role, session key),
+    or None for a wrong name or password or a disabled reviewer.
+
+    The session is created only if the password hash is still the one just checked: a password change (or a
+    disabling) landing between the check and the insert ends every session, and must not miss this one."""
+    from pipeline.audit.reviews import check_password
+
+    with store.engine.connect() as conn:
+        row = conn.execute(select(_reviewers).where(_reviewers.c.name == name)).mappings().first()
+    stored = row["password_hash"] if row is not None else None
+    if not check_password(stored, password) or row["disabled"]:  # check_password hashes even for no one
+        return None
+    key = start_session(store, row["id"], ttl_s, password_hash=stored)
+    return ({k: row[k] for k in ("id", "name", "role")}, key) if key is not None else None
+
+
+def start_session(store: Any, reviewer_id: int, ttl_s: float, password_hash: str | None = None) -> str | None:
+    """A new session for an enabled reviewer, valid for ``ttl_s`` seconds; returns its key (for the cookie only),
+    or None when the reviewer is disabled or gone, or their password hash is no longer ``password_hash`` (when
+    given). Expired sessions of everyone are deleted on the way, so the table holds live sessions only."""
     key = secrets.token_urlsafe(32)
     now = time.time()
+    who = select(literal(_key_hash(key)), _reviewers.c.id, literal(now + ttl_s)).where(
+        _reviewers.c.id == reviewer_id, ~_reviewers.c.disabled
+    )
+    if password_hash is not None:
+        who = who.where(_reviewers.c.password_hash == password_hash)
 
-    def tx(conn: Connection) -> None:
+    def tx(conn: Connection) -> int:
         conn.execute(delete(_sessions).where(_sessions.c.expires_at <= now))
-        conn.execute(insert(_sessions).values(id=_key_hash(key), reviewer_id=reviewer_id, expires_at=now + ttl_s))
+        stmt = insert(_sessions).from_select(["id", "reviewer_id", "expires_at"], who).returning(_sessions.c.id)
+        return len(conn.execute(stmt).all())  # (rowcount is -1 for INSERT ... SELECT on psycopg)
 
-    store._write("start a review session", tx)
-    return key
+    return key if store._write("start a review session", tx) == 1 else None
 
 
 def session_reviewer(store: Any, key: Any) -> dict[str, Any] | None:

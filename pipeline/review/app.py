@@ -273,14 +273,13 @@ def create_app(
         if throttle.blocked(client, name):
             error = "Too many failed sign-ins; wait a few minutes."
             return render(request, "login.html", None, 429, next=_safe_next(next_path), error=error, name=name)
-        row = None
+        ok = False
         if name and password and len(name) <= 64 and len(password) <= 1024:
-            row = await run_in_threadpool(store.authenticate, name, password)
-        if row is None:
+            ok = await run_in_threadpool(sign_in, request, store, name, password, session_ttl)
+        if not ok:
             throttle.failed(client, name)
             error = "Wrong name or password."
             return render(request, "login.html", None, 401, next=_safe_next(next_path), error=error, name=name)
-        await run_in_threadpool(sign_in, request, store, row, session_ttl)
         return RedirectResponse(_safe_next(next_path), status_code=303)
 
     @app.post("/logout")

@@ -26,7 +26,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from pipeline.audit.sessions import end_session, session_reviewer, start_session
+from pipeline.audit.sessions import end_session, session_reviewer
+from pipeline.audit.sessions import sign_in as start_checked_session
 
 CSRF_FIELD = "csrf_token"
 SESSION_KEY = "sid"
@@ -76,12 +77,16 @@ def current_reviewer(request: Request, store: Any) -> Reviewer | None:
     return who
 
 
-def sign_in(request: Request, store: Any, row: dict[str, Any], ttl_s: float) -> None:
-    """Start a fresh session for ``row`` (a new CSRF token too: nothing from before sign-in carries over)."""
-    key = start_session(store, row["id"], ttl_s)
+def sign_in(request: Request, store: Any, name: str, password: str, ttl_s: float) -> bool:
+    """Check the password and start a fresh session (a new CSRF token too: nothing from before sign-in carries
+    over); False for a wrong name or password."""
+    signed_in = start_checked_session(store, name, password, ttl_s)
+    if signed_in is None:
+        return False
     request.session.clear()
-    request.session[SESSION_KEY] = key
+    request.session[SESSION_KEY] = signed_in[1]
     new_csrf_token(request)
+    return True
 
 
 def sign_out(request: Request, store: Any) -> None:
