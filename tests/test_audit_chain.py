@@ -30,9 +30,11 @@ from pipeline.audit.chain import (
     json_default,
     json_encoder,
 )
+from pipeline.audit.lease import JobLease
 from pipeline.audit.migrate import alembic_config, head_revision
 from pipeline.audit.reviews import ReviewError
 from pipeline.audit.schema import EventRow, metadata
+from pipeline.audit.sessions import end_session, session_reviewer, start_session
 from pipeline.audit.verify import verify
 from pipeline.cli import main
 from pipeline.storage import Storage
@@ -133,7 +135,7 @@ def template(request: pytest.FixtureRequest, tmp_path_factory):
         yield populated
 
 
-_TABLES = ("jobs", "runs", "items", "reviewers", "events", "alembic_version")
+_TABLES = ("jobs", "runs", "items", "reviewers", "events", "alembic_version", "audit_settings")
 
 
 def _snapshot(url: str) -> None:
@@ -388,6 +390,14 @@ CASES = {
         ),
         lambda db: f"event seq {db.seq_of(db.ids[2])}, item {db.ids[2]}: created_at 2020-01-01",
     ),
+    "move the row-times boundary past an item, then backdate it": (
+        lambda db: tamper(
+            db.url,
+            "UPDATE audit_settings SET value = '999'",
+            ("UPDATE items SET created_at = :t WHERE item_id = :i", {"t": "2020-01-01 00:00:00", "i": db.ids[2]}),
+        ),
+        lambda db: f"event seq 14: anchor {db.anchor_url}: audit_settings.row_times_from_seq is 999, the anchor 1",
+    ),
     "backdate a run's start": (
         lambda db: tamper(db.url, ("UPDATE runs SET started_at = :t", {"t": "2020-01-01 00:00:00"})),
         lambda db: "event seq 9: run 1: started_at 2020-01-01",
@@ -503,7 +513,7 @@ def test_a_pre_migration_database_is_upgraded_and_back_filled(fresh_url: str, ca
     store = AuditStore(fresh_url, migrate=False)
     report = verify(store)
     assert report.ok, report.render()
-    assert report.events == 1 + 1 + 3 + 1 and report.items == 3  # + the row_times_bound mark of migration 0005
+    assert report.events == 1 + 1 + 3 and report.items == 3
     assert [e["kind"] for e in store.history(make_item("legacy", 0).item_id)] == [ITEM_RECORDED]
     with store.engine.connect() as conn:
         started = json.loads(conn.execute(select(EventRow.payload).where(EventRow.seq == 1)).scalar_one())
@@ -644,13 +654,22 @@ def test_application_role_can_append_but_never_update_or_delete_events(tmp_path)
             app.write_items([make_item("roles", n, status="generated") for n in range(3)], run)
             app.write_items([make_item("roles", 0, status="generated", attempt=2)], run)  # upsert = UPDATE items
             app.end_run(run, "succeeded", {}, {})
-            app.add_reviewer("erin")
+            app.add_reviewer("erin", password="erin-secret-pw")
             app.record_review([make_item("roles", 1).item_id], "comment", "erin", text="ok")
+            # The review page and job leases work as the application role: sign in, password change, sign out.
+            erin = app.authenticate("erin", "erin-secret-pw")
+            key = start_session(app, erin["id"], 60)
+            assert session_reviewer(app, key)["name"] == "erin"
+            app.update_reviewer("erin", password="erin-new-pw")
+            assert session_reviewer(app, key) is None
+            end_session(app, start_session(app, erin["id"], 60))
+            lease = JobLease(app, "roles").acquire()
+            lease.release()
             assert verify(app).ok
             app.dispose()
             with psycopg.connect(app_url, autocommit=True) as conn:
                 forbidden = ["UPDATE events SET text = 'x'", "DELETE FROM events", "TRUNCATE events",
-                             "DELETE FROM items",
+                             "DELETE FROM items", "UPDATE audit_settings SET value = '999999'",
                              "UPDATE reviewers SET name = 'mallory'", "DROP TABLE events"]  # fmt: skip
                 for statement in forbidden:
                     with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -15,10 +15,9 @@ import pytest
 from sqlalchemy import func, select, update
 
 from pipeline.audit import AuditStore
-from pipeline.audit.chain import ROW_TIMES_BOUND, NewEvent, append_events
 from pipeline.audit.formats import QUERY_SCHEMA
 from pipeline.audit.query import EXPORT_SCHEMA, QueryFilters, iter_records
-from pipeline.audit.schema import ItemRow
+from pipeline.audit.schema import ROW_TIMES_FROM_SEQ, AuditSettingRow, EventRow, ItemRow
 from pipeline.audit.verify import verify
 from pipeline.cli import main
 from tests.pg import fresh_database
@@ -89,9 +88,12 @@ class Dataset:
             for n, when in DATES.items():
                 at = datetime.fromisoformat(when).replace(tzinfo=UTC)
                 conn.execute(update(ItemRow).where(ItemRow.item_id == self.ids[n]).values(created_at=at))
-            # Times set by hand are what a database from before revision 0005 holds: its migration marks the
-            # chain so that only rows recorded after the mark must carry their events' times.
-            append_events(conn, [NewEvent(ROW_TIMES_BOUND, {"note": "test data with hand-set times"})])
+            # Times set by hand are what rows from before revision 0005 hold: its migration records the chain head
+            # then, and only rows recorded after it must carry their events' times. These rows are such rows.
+            head = conn.scalar(select(func.max(EventRow.seq)))
+            conn.execute(
+                update(AuditSettingRow).where(AuditSettingRow.name == ROW_TIMES_FROM_SEQ).values(value=str(head))
+            )
         store.dispose()
         self.label = {v: k for k, v in self.ids.items()}
 

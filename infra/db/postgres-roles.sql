@@ -11,8 +11,12 @@
 --   events                      SELECT, INSERT               (append-only: the audit chain)
 --   reviewers                   SELECT, INSERT, UPDATE of password_hash, token_hash, role, disabled
 --   jobs, runs, items           SELECT, INSERT, UPDATE       (current state; every change is also an event)
---   alembic_version             SELECT                       (the store checks the schema revision on open)
--- and never DELETE or TRUNCATE anything, nor change the schema. On top of that, a trigger rejects UPDATE,
+--   leases, review_sessions     SELECT, INSERT, UPDATE, DELETE   (operational state, not history: a job's
+--                                                            lease, a signed-in review session)
+--   alembic_version,
+--   audit_settings              SELECT                       (what migrations record, e.g. where verify starts
+--                                                            checking row timestamps: never the app's to move)
+-- and never DELETE or TRUNCATE anything else, nor change the schema. On top of that, a trigger rejects UPDATE,
 -- DELETE and TRUNCATE of events for every role, the owner included: rewriting history takes disabling the
 -- trigger first (a deliberate act of the owner or a superuser), and `genpipe audit verify` catches it anyway.
 
@@ -27,14 +31,17 @@ $$;
 
 GRANT USAGE ON SCHEMA public TO genpipe_app;
 
-REVOKE ALL ON events, reviewers, jobs, runs, items, alembic_version FROM PUBLIC;
-REVOKE ALL ON events, reviewers, jobs, runs, items, alembic_version FROM genpipe_app;
+REVOKE ALL ON events, reviewers, jobs, runs, items, leases, review_sessions, alembic_version, audit_settings
+    FROM PUBLIC;
+REVOKE ALL ON events, reviewers, jobs, runs, items, leases, review_sessions, alembic_version, audit_settings
+    FROM genpipe_app;
 
 GRANT SELECT, INSERT ON events TO genpipe_app;
 GRANT SELECT, INSERT ON reviewers TO genpipe_app;
 GRANT UPDATE (password_hash, token_hash, role, disabled) ON reviewers TO genpipe_app;
 GRANT SELECT, INSERT, UPDATE ON jobs, runs, items TO genpipe_app;
-GRANT SELECT ON alembic_version TO genpipe_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON leases, review_sessions TO genpipe_app;
+GRANT SELECT ON alembic_version, audit_settings TO genpipe_app;
 GRANT USAGE ON SEQUENCE runs_id_seq, reviewers_id_seq TO genpipe_app;
 
 CREATE OR REPLACE FUNCTION genpipe_reject_change() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -36,6 +36,7 @@ def write_chain_anchor(store: Any, job_root: Storage | str, job: str) -> dict[st
         "job": job,
         "seq": head[0],
         "hash": head[1],
+        "row_times_from_seq": store.row_times_from_seq(),  # moving it later would exempt rows from verify
         "database": store.safe_url,
         "written_at": datetime.now(UTC).isoformat(),
     }

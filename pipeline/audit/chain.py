@@ -50,11 +50,7 @@ REVIEWER_UPDATED = "reviewer_updated"  # same shape, after the change
 REVIEW_KINDS = ("review_approve", "review_reject", "review_escalate", "review_comment")
 DECISION_KINDS = REVIEW_KINDS[:3]  # the review events that change an item's decision; comments do not
 CHAIN_STARTED = "chain_started"  # seq 1, written by the migration that created the table
-#: Written once, by migration 0005: from it on, an item's created_at is its first item_recorded event's time and a
-#: run's started_at / ended_at its run_started / run_ended event's, exactly, so ``verify`` checks them. {"note"}
-ROW_TIMES_BOUND = "row_times_bound"
-EVENT_KINDS = (ITEM_RECORDED, RUN_STARTED, RUN_ENDED, REVIEWER_ADDED, REVIEWER_UPDATED, *REVIEW_KINDS, CHAIN_STARTED,
-               ROW_TIMES_BOUND)  # fmt: skip
+EVENT_KINDS = (ITEM_RECORDED, RUN_STARTED, RUN_ENDED, REVIEWER_ADDED, REVIEWER_UPDATED, *REVIEW_KINDS, CHAIN_STARTED)
 
 HASHED_COLUMNS = (
     "seq", "prev_hash", "kind", "job", "item_id", "run_id", "reviewer_id", "reason_code", "text", "supersedes",

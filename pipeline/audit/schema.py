@@ -196,6 +196,21 @@ class ReviewSessionRow(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=utcnow())
 
 
+#: ``audit_settings`` name: rows first recorded after this seq carry their events' times (migration 0005).
+ROW_TIMES_FROM_SEQ = "row_times_from_seq"
+
+
+class AuditSettingRow(Base):
+    """Facts about the database that migrations record and the application only reads (on PostgreSQL the
+    application role may not write them: ``infra/db/postgres-roles.sql``). ``row_times_from_seq``: rows first
+    recorded after this event carry their events' times exactly, and ``verify`` checks them (migration 0005)."""
+
+    __tablename__ = "audit_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 #: ``events.seq`` is the chain position: BIGINT, but INTEGER on SQLite so that it is the rowid itself.
 SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
 

@@ -62,7 +62,7 @@ from pipeline.audit.chain import (
     lock_chain,
     run_payload,
 )
-from pipeline.audit.schema import ItemRow, JobRow, RunRow, utcnow
+from pipeline.audit.schema import ROW_TIMES_FROM_SEQ, AuditSettingRow, ItemRow, JobRow, RunRow, utcnow
 from pipeline.errors import GenpipeError
 from schemas.record import Item
 
@@ -77,6 +77,7 @@ _SCALAR_FIELDS = tuple(name for name in ITEM_FIELDS if name not in _JSON_FIELDS)
 RUN_STATUSES = ("running", "succeeded", "failed")
 
 _items = ItemRow.__table__
+_settings = AuditSettingRow.__table__
 _jobs = JobRow.__table__
 _runs = RunRow.__table__
 
@@ -550,6 +551,13 @@ class AuditStore:
                          _items.c.row_number.in_(rows[start : start + _IN_CHUNK]))  # fmt: skip
                 found.extend(_row_to_item(row) for row in conn.execute(select(*cols).where(*where)))
         return found
+
+    def row_times_from_seq(self) -> int | None:
+        """``audit_settings.row_times_from_seq`` (see ``pipeline.audit.verify``); None when it is not a number."""
+        query = select(_settings.c.value).where(_settings.c.name == ROW_TIMES_FROM_SEQ)
+        with self.engine.connect() as conn:
+            value = conn.scalar(query)
+        return int(value) if isinstance(value, str) and value.isdigit() else None
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Connection]:

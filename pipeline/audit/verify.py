@@ -6,8 +6,8 @@ All reads happen in one read transaction (a consistent snapshot; writers go on m
    each hash recomputes from the stored columns; review events name the reviewer the chain knows.
 2. state — every current row equals the payload of its latest event: ``items`` (paged, in SQL: an edited
    score, a deleted row, a row nobody recorded), ``runs``, ``jobs.spec`` and ``reviewers``; and, for rows
-   written after the ``row_times_bound`` event, an item's ``created_at`` and a run's ``started_at`` /
-   ``ended_at`` equal the time of their events (the times ``audit query`` shows and filters on).
+   first recorded after ``audit_settings.row_times_from_seq`` (migration 0005), an item's ``created_at`` and a
+   run's ``started_at`` / ``ended_at`` equal the time of their events (what ``audit query`` shows and filters on).
 3. images (``--images``) — every generated item's image exists and has the recorded sha256.
 4. anchors (``--anchor``) — each anchored (seq, hash) is still in the chain (catches a cut-off tail, or a
    chain rewritten from some point on).
@@ -36,7 +36,6 @@ from pipeline.audit.chain import (
     REVIEW_KINDS,
     REVIEWER_ADDED,
     REVIEWER_UPDATED,
-    ROW_TIMES_BOUND,
     RUN_ENDED,
     RUN_STARTED,
     canonical_json,
@@ -45,10 +44,11 @@ from pipeline.audit.chain import (
     reviewer_payload,
     run_payload,
 )
-from pipeline.audit.schema import EventRow, ItemRow, JobRow, ReviewerRow, RunRow
+from pipeline.audit.schema import ROW_TIMES_FROM_SEQ, AuditSettingRow, EventRow, ItemRow, JobRow, ReviewerRow, RunRow
 from pipeline.storage import open_input, retry
 
 _events = EventRow.__table__
+_settings = AuditSettingRow.__table__
 _items = ItemRow.__table__
 _jobs = JobRow.__table__
 _runs = RunRow.__table__
@@ -140,8 +140,7 @@ class _ChainState:
     runs: dict[int, tuple[int, Any]] = field(default_factory=dict)  # run id -> (seq, payload["run"])
     specs: dict[str, tuple[int, Any]] = field(default_factory=dict)  # job -> (seq, spec of its latest run)
     reviewers: dict[int, tuple[int, Any]] = field(default_factory=dict)  # id -> (seq, payload["reviewer"])
-    # Row timestamps are checked for rows first recorded after this seq: the row_times_bound event's, or 0 in a
-    # database created with that rule (migration 0005 marks only a database that already held history).
+    # Row timestamps are checked for rows first recorded after this seq (audit_settings.row_times_from_seq)
     times_from: int = 0
     # run id -> [run_started time, latest run_ended time], for runs started after times_from
     run_times: dict[int, list[Any]] = field(default_factory=dict)
@@ -163,6 +162,11 @@ def _pages(conn: Connection, query: Any, key: Any) -> Iterator[Any]:
 
 def _check_chain(conn: Connection, report: VerifyReport) -> _ChainState:
     state = _ChainState()
+    bound = conn.scalar(select(_settings.c.value).where(_settings.c.name == ROW_TIMES_FROM_SEQ))
+    if bound is None or not bound.isdigit():
+        report.add(Problem("chain", f"audit_settings.{ROW_TIMES_FROM_SEQ} is {bound!r}, not a seq: it was edited"))
+    else:
+        state.times_from = int(bound)
     expected, prev = 1, GENESIS_HASH
     for row in _pages(conn, select(_events), _events.c.seq):
         seq, item_id = row["seq"], row["item_id"]
@@ -199,12 +203,10 @@ def _note_event(row: Any, state: _ChainState, report: VerifyReport) -> None:
         state.runs[row["run_id"]] = (seq, payload.get("run"))
         if kind == RUN_STARTED:
             state.specs[row["job"]] = (seq, payload.get("spec"))
-            state.run_times[row["run_id"]] = [row["created_at"], None]
+            if seq > state.times_from:
+                state.run_times[row["run_id"]] = [row["created_at"], None]
         elif row["run_id"] in state.run_times:
             state.run_times[row["run_id"]][1] = row["created_at"]
-    elif kind == ROW_TIMES_BOUND:
-        state.times_from = seq
-        state.run_times.clear()  # runs started before the marker are not checked
     elif kind in (REVIEWER_ADDED, REVIEWER_UPDATED):
         state.reviewers[row["reviewer_id"]] = (seq, payload.get("reviewer"))
     elif kind in REVIEW_KINDS:
@@ -398,3 +400,8 @@ def _check_anchor(conn: Connection, report: VerifyReport, url: str, doc: Any) ->
     elif stored != digest:
         report.add(Problem("anchors", f"anchor {url}: event seq {seq} has hash {stored[:16]}..., the anchor "
                                       f"{str(digest)[:16]}...: the chain was rewritten", seq))  # fmt: skip
+    bound = conn.scalar(select(_settings.c.value).where(_settings.c.name == ROW_TIMES_FROM_SEQ))
+    anchored = doc.get("row_times_from_seq")
+    if anchored is not None and str(anchored) != bound:
+        report.add(Problem("anchors", f"anchor {url}: audit_settings.{ROW_TIMES_FROM_SEQ} is {bound}, the anchor "
+                                      f"{anchored}: the boundary of the row-time checks was moved", seq))  # fmt: skip

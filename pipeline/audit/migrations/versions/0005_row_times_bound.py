@@ -7,31 +7,32 @@ Create Date: 2026-11-30
 From this revision on, writers stamp an item's ``created_at`` (and ``updated_at``) and a run's ``started_at`` /
 ``ended_at`` with the clock their events get, so ``verify`` can require them to be equal. Rows written before
 took the database clock a moment apart from their events (items from before revision 0002 got their first
-event only when the chain was back-filled), so they are left as they are and not checked: in a database that
-already holds history, the ``row_times_bound`` event this revision appends marks where the check starts. A new
-database (only ``chain_started`` so far) gets no marker: every row of it is checked. No schema change.
+event only when the chain was back-filled), so they are left as they are and not checked. Where the check
+starts is recorded in the new ``audit_settings`` table (``row_times_from_seq``: the chain head now), which the
+application role may read but not write: an event it appended could not move the boundary.
 """
 
 import sqlalchemy as sa
 from alembic import op
-
-from pipeline.audit.chain import CHAIN_STARTED, ROW_TIMES_BOUND, NewEvent, append_events
 
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
+ROW_TIMES_FROM_SEQ = "row_times_from_seq"
+
 
 def upgrade() -> None:
-    conn = op.get_bind()
-    if not conn.scalar(sa.select(sa.func.count()).select_from(sa.table("events", sa.column("kind"))).where(
-            sa.column("kind") != CHAIN_STARTED)):  # fmt: skip
-        return  # nothing written yet: every row to come is stamped with its event's time
-    note = ("from here on, items.created_at is the time of the item's first item_recorded event, and runs.started_at"
-            " / ended_at the time of the run's run_started / run_ended event")  # fmt: skip
-    append_events(conn, [NewEvent(ROW_TIMES_BOUND, {"note": note})])
+    settings = op.create_table(
+        "audit_settings",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.Text(), nullable=False),
+    )
+    head = op.get_bind().scalar(sa.select(sa.func.coalesce(sa.func.max(sa.column("seq")), 0)).select_from(
+        sa.table("events", sa.column("seq"))))  # fmt: skip
+    op.bulk_insert(settings, [{"name": ROW_TIMES_FROM_SEQ, "value": str(int(head))}])
 
 
 def downgrade() -> None:
-    pass  # the marker stays in the chain (events are never deleted); older code does not read it
+    op.drop_table("audit_settings")
