@@ -24,6 +24,7 @@ from schemas.record import Item
 from schemas.spec import JobSpec, ScoringSpec, Threshold
 
 EPS = 1e-9
+BLOCKED = {"code": "nsfw", "stage": "score", "classifier": "open_nsfw", "action": "block"}
 T = {
     "open_nsfw": {"nsfw": Threshold(review=0.3, block=0.8)},
     "clip_head": {"porn": Threshold(review=0.4, block=0.9), "sexy": Threshold(review=0.6)},
@@ -211,7 +212,7 @@ def test_image_key_picks_the_prefix_from_the_decision(decision, prefix):
 
 
 def test_regeneration_plans_a_new_item_with_a_new_seed_and_a_link():
-    first = _item(status="generated", decision="block", image_uri="x", scores={"nsfw": 0.9})
+    first = _item(status="generated", decision="block", image_uri="x", scores={"nsfw": 0.9}, reasons=[BLOCKED])
     assert wants_regeneration(first, regenerate_tries=2, regenerate_on=("block",))
     assert not wants_regeneration(first, regenerate_tries=0, regenerate_on=("block",))
     assert not wants_regeneration(first, regenerate_tries=2, regenerate_on=("review",))
@@ -219,17 +220,32 @@ def test_regeneration_plans_a_new_item_with_a_new_seed_and_a_link():
     assert second.attempt == 2 and second.status == "pending" and second.decision is None and not second.scores
     assert second.item_id == attempt_item_id(first.item_id, 2) != first.item_id and second.seed != first.seed
     assert second.metadata == {"attempt_of": first.item_id, "regenerated_from": first.item_id}
-    second.status, second.decision = "generated", "block"
+    second.status, second.decision, second.reasons = "generated", "block", [BLOCKED]
     third = next_attempt(second)
     assert third.attempt == 3 and third.metadata["attempt_of"] == first.item_id
     assert third.metadata["regenerated_from"] == second.item_id and third.seed not in (first.seed, second.seed)
-    third.status, third.decision = "generated", "block"
+    third.status, third.decision, third.reasons = "generated", "block", [BLOCKED]
     assert wants_regeneration(second, 2, ("block",)) and not wants_regeneration(third, 2, ("block",))
     errored = _item(status="generated", decision="review", reasons=[{"code": "scorer_error", "action": "review"}])
     assert not wants_regeneration(errored, 2, ("review",))
     assert [it.item_id for it in plan_regeneration([first, errored, third], 2, ("block", "review"))] == [
         attempt_item_id(first.item_id, 2)
     ]
+
+
+def test_a_prompt_screen_flag_is_never_regenerated_away():
+    screened = {"code": "prompt_blocklist", "stage": "screen", "rule": "lingerie", "action": "review"}
+    failed = {"code": "screen_error", "stage": "screen", "classifier": "c", "action": "review"}
+    for flag in (screened, failed):  # a new seed cannot clear what the prompt says, nor a screen that never ran
+        item = _item(status="generated", decision="review", image_uri="x", reasons=[dict(flag)])
+        assert not wants_regeneration(item, 2, ("review", "block"))
+    # Flagged for its pixels too: tried again, and every try carries the prompt's flag (held for review at least).
+    both = _item(status="generated", decision="block", image_uri="x", reasons=[dict(screened), BLOCKED])
+    assert wants_regeneration(both, 2, ("block",))
+    retry = next_attempt(both)
+    assert retry.reasons == [screened]
+    PolicyRouter({"open_nsfw": {"nsfw": Threshold(review=0.3, block=0.8)}}).route(retry, [])
+    assert retry.decision == "review"
 
 
 # --- spec validation ---------------------------------------------------------------------------------------------

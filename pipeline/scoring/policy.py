@@ -116,11 +116,17 @@ def scorer_error(scorer: str, version: str | None, exc: BaseException | str) -> 
 
 
 def wants_regeneration(item: Item, regenerate_tries: int, regenerate_on: tuple[str, ...]) -> bool:
-    """A generated, flagged item (not for a scorer error) whose attempt count leaves tries to spend."""
+    """A generated item flagged for its pixels (not for a scorer error, nor only for its prompt: a new seed
+    cannot clear a prompt-screen flag) whose attempt count leaves tries to spend."""
     if item.status != "generated" or item.decision not in regenerate_on:
         return False
     if any(r.get("code") == "scorer_error" for r in item.reasons):
         return False
+    pixels = most_severe(
+        [r["action"] for r in item.reasons if r.get("stage") != "screen" and r.get("action") in SEVERITY]
+    )
+    if pixels != item.decision:
+        return False  # the decision is the prompt's (a screen hit or a screen error)
     return item.attempt <= regenerate_tries
 
 
@@ -143,7 +149,9 @@ def next_attempt(item: Item) -> Item:
         metadata={**item.metadata, "attempt_of": root, "regenerated_from": item.item_id},
         status="pending",
         decision=None,
-        reasons=[],
+        # The prompt screen's findings are the prompt's, so every try carries them (and is held at least as they
+        # say); the pixels' findings are the flagged try's own.
+        reasons=[dict(r) for r in item.reasons if r.get("stage") == "screen"],
         image_uri=None,
         image_sha256=None,
         scores={},
