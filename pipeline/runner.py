@@ -502,18 +502,20 @@ def _decision_counts(store: AuditStore, job: str) -> dict[str, int]:
 
 
 def reconcile_orphans(store: AuditStore, storage: Storage, job: str) -> int:
-    """Move every image under the public and review prefixes that no record points at into
+    """Move every image under the public, review and quarantine prefixes that no record points at into
     ``quarantine/orphans/`` (nothing is deleted) and return how many. Orphans come from a crash between the
     image write and the record write whose item then changed (a rerun with the same parameters rewrites the
-    same key with the same bytes and records it)."""
+    same key with the same bytes and records it), or whose decision did: a rerun that passes an item a crashed
+    run had blocked writes it under images/, and leaves the unrecorded quarantine/ copy to be moved here."""
     expected = {image_key(it) for it in store.iter_items(job) if it.image_sha256}
+    orphans = f"{QUARANTINE_PREFIX}/orphans/"
     moved = 0
     for prefix in (PUBLIC_PREFIX, REVIEW_PREFIX, QUARANTINE_PREFIX):
         for key in list(storage.walk(prefix)):
             if posixpath.basename(key).startswith(TMP_PREFIX):
                 storage.delete(key)  # a write cut short by a crash: partial bytes, never an image
-            elif key not in expected and prefix != QUARANTINE_PREFIX:
-                storage.move(key, f"{QUARANTINE_PREFIX}/orphans/{key}")
+            elif key not in expected and not key.startswith(orphans):
+                storage.move(key, f"{orphans}{key}")
                 moved += 1
     return moved
 

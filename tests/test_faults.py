@@ -90,6 +90,13 @@ def test_orphan_that_matches_no_item_is_quarantined_not_deleted(make_spec, tmp_p
     assert rerun.orphans_quarantined == 1
     assert root.read("quarantine/orphans/images/sku-999/sku-999-0000-deadbeef.png").startswith(b"left behind")
     check_invariants(db, root.root, "test-job", 2)
+    # The same under quarantine/: a crashed run blocked an item (image written, record not), the rerun passed it.
+    root.write_atomic("quarantine/sku-1/sku-1-0000-0badcafe.png", b"blocked by a crashed run")
+    again = run_job(load_spec(make_spec(ROWS[:2], database=db, sampler={"steps": 2})), quiet=True)
+    assert again.orphans_quarantined == 1  # and the orphans already there stay where they are
+    assert root.read("quarantine/orphans/quarantine/sku-1/sku-1-0000-0badcafe.png") == b"blocked by a crashed run"
+    assert root.exists("quarantine/orphans/images/sku-999/sku-999-0000-deadbeef.png")
+    check_invariants(db, root.root, "test-job", 2)
 
 
 @pytest.mark.timeout(240)
