@@ -222,3 +222,43 @@ def test_a_custom_blocklist_extends_the_default_and_is_checked_before_launch(tmp
     assert info.value.problems[0].startswith("scoring.screen.blocklist:")
     off = JobSpec(name="j", manifest="m", output="o", scoring={"screen": {"enabled": False}})
     assert PromptScreen.from_spec(off) is None
+
+
+class _NoScore:
+    pass
+
+
+def broken_factory():
+    raise ConnectionError("the moderation service is down")
+
+
+def no_score_factory():
+    return _NoScore()
+
+
+def test_bad_screen_settings_are_named_before_launch(tmp_path):
+    def problems(screen: dict) -> list[str]:
+        spec = JobSpec.model_validate({"name": "j", "manifest": "m.parquet", "output": "o",
+                                       "scoring": {"screen": screen}})  # fmt: skip
+        with pytest.raises(SpecError) as err:
+            check_scoring(spec)
+        return err.value.problems
+
+    (tmp_path / "bad.yaml").write_text("categories: [unclosed\n")
+    (tmp_path / "allow.yaml").write_text("categories: {x: {terms: [foo]}}\nallow: 5\n")
+    assert problems({"blocklist": str(tmp_path / "bad.yaml")})[0].startswith(
+        f"scoring.screen.blocklist: {tmp_path / 'bad.yaml'}: not valid YAML"
+    )
+    assert problems({"blocklist": str(tmp_path / "allow.yaml")}) == [
+        f"scoring.screen.blocklist: {tmp_path / 'allow.yaml'}: allow: expected a list of phrases"
+    ]
+    assert problems({"classifier": "tests.test_screen:broken_factory"}) == [
+        "scoring.screen.classifier: tests.test_screen:broken_factory failed to build: ConnectionError: "
+        "the moderation service is down"
+    ]
+    assert problems({"classifier": "json:dumps"})[0].startswith(
+        "scoring.screen.classifier: json:dumps failed to build: TypeError"
+    )
+    assert problems({"classifier": "tests.test_screen:no_score_factory"}) == [
+        "scoring.screen.classifier: tests.test_screen:no_score_factory built _NoScore, which has no score(texts)"
+    ]

@@ -11,7 +11,8 @@ from schemas.spec import JobSpec
 
 
 def check_scoring(spec: JobSpec) -> None:
-    """Raise ``SpecError`` listing every problem with ``spec.scoring`` that can be seen without loading a model."""
+    """Raise ``SpecError`` listing every problem with ``spec.scoring`` that can be seen without loading a model
+    (the prompt screen's classifier hook excepted: it is built here, once, so a failing one fails before launch)."""
     problems: list[str] = []
     scoring = spec.scoring
     if scoring.enabled:
@@ -44,8 +45,14 @@ def check_scoring(spec: JobSpec) -> None:
             try:
                 if not callable(getattr(importlib.import_module(module), attr, None)):
                     problems.append(f"scoring.screen.classifier: {module} has no callable {attr!r}")
+                else:
+                    from pipeline.scoring.screen import load_classifier
+
+                    load_classifier(screen.classifier)  # built now (and kept): a factory that fails, fails here
             except ImportError as exc:
                 problems.append(f"scoring.screen.classifier: cannot import {module}: {exc}")
+            except ValueError as exc:
+                problems.append(str(exc))
     if problems:
         raise SpecError("invalid scoring settings", problems)
 

@@ -159,8 +159,13 @@ class Blocklist:
 
     @classmethod
     def load(cls, path: str = DEFAULT_BLOCKLIST) -> Blocklist:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
         return cls.from_dict(data, source=path)
 
     @classmethod
@@ -180,7 +185,10 @@ class Blocklist:
                 if not words:
                     raise ValueError(f"{source}: categories.{category}: term {term!r} has no letters")
                 rules.append(Rule(str(category), term, action, words, term.endswith("*")))
-        allow = [w for w in (normalize_term(str(p)) for p in data.get("allow") or []) if w]
+        phrases = data.get("allow") or []
+        if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+            raise ValueError(f"{source}: allow: expected a list of phrases")
+        allow = [w for w in (normalize_term(p) for p in phrases) if w]
         return cls(str(data.get("version", os.path.basename(source))), rules, allow)
 
     def extended(self, other: Blocklist) -> Blocklist:
@@ -372,12 +380,18 @@ class TextClassifier(Protocol):
     def score(self, texts: list[str]) -> list[float]: ...
 
 
+@functools.lru_cache(maxsize=8)
 def load_classifier(ref: str) -> TextClassifier:
+    """The classifier ``module:factory`` builds (once per process: the pre-launch check and the run share it);
+    ``ValueError`` naming ``scoring.screen.classifier`` when it cannot be built or has no ``score``."""
     module, _, attr = ref.partition(":")
-    factory = getattr(importlib.import_module(module), attr)
-    clf = factory()
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+        clf = factory()
+    except Exception as exc:  # a user's hook: any failure is the spec's problem, said in one line
+        raise ValueError(f"scoring.screen.classifier: {ref} failed to build: {type(exc).__name__}: {exc}") from None
     if not callable(getattr(clf, "score", None)):
-        raise TypeError(f"scoring.screen.classifier: {ref} built {type(clf).__name__}, which has no score(texts)")
+        raise ValueError(f"scoring.screen.classifier: {ref} built {type(clf).__name__}, which has no score(texts)")
     return clf
 
 
