@@ -174,7 +174,7 @@ def test_screen_marks_blocked_items_with_the_rule_and_leaves_others_alone(screen
     assert bad.status == "blocked" and bad.decision == "block" and bad.pixels is None
     (reason,) = bad.reasons
     assert reason == {"code": "prompt_blocklist", "stage": "screen", "rule": "sexual:pron", "category": "sexual",
-                      "term": "pron", "matched": "pron", "field": "prompt", "version": "genpipe-default-1",
+                      "term": "pron", "matched": "pron", "field": "prompt", "version": "genpipe-default-2",
                       "action": "block"}  # fmt: skip
 
 
@@ -211,7 +211,7 @@ def test_a_custom_blocklist_extends_the_default_and_is_checked_before_launch(tmp
     own.write_text("version: brand-1\ncategories:\n  competitors:\n    action: review\n    terms: [acme*]\n")
     spec = JobSpec(name="j", manifest="m", output="o", scoring={"screen": {"blocklist": str(own)}})
     screen = PromptScreen.from_spec(spec)
-    assert screen.blocklist.version == "genpipe-default-1+brand-1"
+    assert screen.blocklist.version == "genpipe-default-2+brand-1"
     (item,) = _items("an ACME-branded anvil")
     screen.screen([item])
     assert item.status == "pending" and item.decision == "review"
@@ -262,3 +262,15 @@ def test_bad_screen_settings_are_named_before_launch(tmp_path):
     assert problems({"classifier": "tests.test_screen:no_score_factory"}) == [
         "scoring.screen.classifier: tests.test_screen:no_score_factory built _NoScore, which has no score(texts)"
     ]
+
+
+def test_ordinary_words_side_by_side_are_not_read_as_a_term(screen):
+    # Found by a review: windows join adjacent words ("p enis"), so "pen is" read as a term, and "men's ex-" as
+    # "s ex". Possessives keep their s; allowed phrases cover the common products, plurals included.
+    ordinary = benign_prompts()[-16:]  # the prompts the review found blocked, kept in the benign set
+    assert ordinary[0].startswith("a white power bank") and ordinary[-1].startswith("coal tits")
+    assert {p: [m.rule.name for m in screen.check(p)] for p in ordinary} == {p: [] for p in ordinary}
+    for evasion, rule in (("pe nis", "sexual:penis"), ("s ex", "sexual:sex"), ("the white power movement",
+                          "extremism:white power"), ("pօrn", "sexual:porn*"), ("ꝑorn", "sexual:porn*"),
+                          ("pᴑrn", "sexual:porn*"), ("pen is sex", "sexual:sex")):  # fmt: skip
+        assert rule in [m.rule.name for m in screen.check(evasion)], evasion

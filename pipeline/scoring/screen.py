@@ -50,7 +50,9 @@ _CONFUSABLES = str.maketrans({
     "ı": "i", "ł": "l", "ø": "o", "đ": "d", "ð": "d", "ɡ": "g", "ɑ": "a", "æ": "ae", "œ": "oe",
     "ᴀ": "a", "ʙ": "b", "ᴄ": "c", "ᴅ": "d", "ᴇ": "e", "ғ": "f", "ɢ": "g", "ʜ": "h", "ɪ": "i", "ᴊ": "j", "ᴋ": "k",
     "ʟ": "l", "ᴍ": "m", "ɴ": "n", "ᴏ": "o", "ᴘ": "p", "ʀ": "r", "ꜱ": "s", "ᴛ": "t", "ᴜ": "u", "ᴠ": "v", "ᴡ": "w",
-    "ʏ": "y", "ᴢ": "z",
+    "ʏ": "y", "ᴢ": "z", "ᴑ": "o", "ꝑ": "p", "ꝓ": "p", "ꝗ": "q",
+    # Armenian
+    "օ": "o", "ս": "u", "ո": "n", "հ": "h", "ց": "g", "ք": "p", "զ": "q",
 })  # fmt: skip
 _LEET_DIGITS = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g"})
 _LEET_SYMBOLS = str.maketrans({"@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e"})
@@ -75,11 +77,15 @@ def _base(text: str) -> str:
     return t.translate(_CONFUSABLES)
 
 
+#: "men's", "it's": the s stays on its word, so no window reads "men s ex-display" as "sex".
+_APOSTROPHE_S = re.compile(r"(?<=[a-z])['’ʼ]s\b")
+
+
 def _readings(text: str) -> list[tuple[list[str], list[bool] | None]]:
     """``normalized_variants`` with, per word, whether it was read from a number: a token (a run of letters, digits
     and leet symbols) with digits and no letter — ``1011``, ``$1011``, the ``7175`` of ``SKU-7175``. The flags are
     None when no word was."""
-    b = _base(text)
+    b = _APOSTROPHE_S.sub("s", _base(text))
     if not _LEETABLE.search(b):
         return [(_WORD.findall(b.replace("l", "i")), None)]
     numbers = [m.span() for m in _NUMBER.finditer(b)]
@@ -339,13 +345,21 @@ class _Matcher:
         return out
 
     def allowed_spans(self, words: list[str]) -> list[tuple[int, int]]:
+        """Where an allowed phrase stands in ``words``; its last word may take a plural s / es, as terms do
+        ("paint strippers" for "paint stripper")."""
         spans = []
         by_first = self.allow_by_first
         for s, w in enumerate(words):
             for phrase in by_first.get(w, ()):
-                if tuple(words[s : s + len(phrase)]) == phrase:
-                    spans.append((s, s + len(phrase)))
+                e = s + len(phrase)
+                got = words[s:e]
+                if len(got) == len(phrase) and tuple(got[:-1]) == phrase[:-1] and got[-1] in _plurals(phrase[-1]):
+                    spans.append((s, e))
         return spans
+
+
+def _plurals(word: str) -> tuple[str, ...]:
+    return (word, word + "s", word + "es")
 
 
 def _spelled_with_a_letter(run: str, stretched: str | None, c: str, sq: str, digits: list[bool]) -> bool:
