@@ -272,5 +272,8 @@ def test_ordinary_words_side_by_side_are_not_read_as_a_term(screen):
     assert {p: [m.rule.name for m in screen.check(p)] for p in ordinary} == {p: [] for p in ordinary}
     for evasion, rule in (("pe nis", "sexual:penis"), ("s ex", "sexual:sex"), ("the white power movement",
                           "extremism:white power"), ("pօrn", "sexual:porn*"), ("ꝑorn", "sexual:porn*"),
-                          ("pᴑrn", "sexual:porn*"), ("pen is sex", "sexual:sex")):  # fmt: skip
+                          ("pᴑrn", "sexual:porn*"), ("pen is sex", "sexual:sex"), ("p*rn", "sexual:porn*"),
+                          ("s_x", "sexual:sex"), ("n*ked woman", "sexual:naked woman")):  # fmt: skip
         assert rule in [m.rule.name for m in screen.check(evasion)], evasion
+    for plain in ("snake_case banner", "5*star hotel", "a*b testing", "sale_price_tag"):
+        assert screen.check(plain) == (), plain

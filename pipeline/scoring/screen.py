@@ -81,11 +81,24 @@ def _base(text: str) -> str:
 _APOSTROPHE_S = re.compile(r"(?<=[a-z])['’ʼ]s\b")
 
 
+#: A ``*`` or ``_`` between letters stands for a letter someone did not want to write (``p*rn``, ``s_x``).
+_MASKED = re.compile(r"(?<=[a-z])[*_]+(?=[a-z])")
+
+
 def _readings(text: str) -> list[tuple[list[str], list[bool] | None]]:
     """``normalized_variants`` with, per word, whether it was read from a number: a token (a run of letters, digits
     and leet symbols) with digits and no letter — ``1011``, ``$1011``, the ``7175`` of ``SKU-7175``. The flags are
-    None when no word was."""
+    None when no word was. A masked letter (``p*rn``) is read as each vowel in turn, as well as as a separator."""
     b = _APOSTROPHE_S.sub("s", _base(text))
+    if _MASKED.search(b):
+        out: list[tuple[list[str], list[bool] | None]] = []
+        for reading in (b, *(_MASKED.sub(v, b) for v in "aeiou")):
+            out += [r for r in _unmasked_readings(reading) if r not in out]
+        return out
+    return _unmasked_readings(b)
+
+
+def _unmasked_readings(b: str) -> list[tuple[list[str], list[bool] | None]]:
     if not _LEETABLE.search(b):
         return [(_WORD.findall(b.replace("l", "i")), None)]
     numbers = [m.span() for m in _NUMBER.finditer(b)]
