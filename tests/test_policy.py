@@ -239,9 +239,10 @@ def test_a_prompt_screen_flag_is_never_regenerated_away():
     for flag in (screened, failed):  # a new seed cannot clear what the prompt says, nor a screen that never ran
         item = _item(status="generated", decision="review", image_uri="x", reasons=[dict(flag)])
         assert not wants_regeneration(item, 2, ("review", "block"))
-    # Flagged for its pixels too: tried again, and every try carries the prompt's flag (held for review at least).
+    # Flagged for its pixels too: tried again, and every try carries the prompt's flag (held for review at least);
+    # unless the prompt's flag is itself one to regenerate on: then no try could ever pass.
     both = _item(status="generated", decision="block", image_uri="x", reasons=[dict(screened), BLOCKED])
-    assert wants_regeneration(both, 2, ("block",))
+    assert wants_regeneration(both, 2, ("block",)) and not wants_regeneration(both, 2, ("review", "block"))
     retry = next_attempt(both)
     assert retry.reasons == [screened]
     PolicyRouter({"open_nsfw": {"nsfw": Threshold(review=0.3, block=0.8)}}).route(retry, [])

@@ -265,11 +265,18 @@ def test_bad_screen_settings_are_named_before_launch(tmp_path):
 
 
 def test_ordinary_words_side_by_side_are_not_read_as_a_term(screen):
-    # Found by a review: windows join adjacent words ("p enis"), so "pen is" read as a term, and "men's ex-" as
-    # "s ex". Possessives keep their s; allowed phrases cover the common products, plurals included.
-    ordinary = benign_prompts()[-16:]  # the prompts the review found blocked, kept in the benign set
+    # Found by a review: windows join adjacent words ("p enis"), so "men's ex-" read as "s ex", and products hit
+    # two-word terms. Possessives keep their s; allowed phrases name whole products, plurals included.
+    ordinary = benign_prompts()[-14:]  # the prompts the review found blocked, kept in the benign set
     assert ordinary[0].startswith("a white power bank") and ordinary[-1].startswith("coal tits")
     assert {p: [m.rule.name for m in screen.check(p)] for p in ordinary} == {p: [] for p in ordinary}
+    # ... and nothing more: a second review found the first allow phrases switched terms off in unsafe prompts.
+    for unsafe, rule in (("a man exposing his pen is in public", "sexual:penis"), ("pen_is erect", "sexual:penis"),
+                         ("ten gore photos of dead bodies", "violence_gore:gore"), ("nine gores", "violence_gore:gore"),
+                         ("white power button pin for a jacket", "extremism:white power"),
+                         ("school shooting shirt with guns", "violence_gore:school shooting")):  # fmt: skip
+        assert rule in [m.rule.name for m in screen.check(unsafe)], unsafe
+    assert [m.rule.name for m in screen.check("the pen is blue")] == ["sexual:penis"]  # blocked, by choice
     for evasion, rule in (("pe nis", "sexual:penis"), ("s ex", "sexual:sex"), ("the white power movement",
                           "extremism:white power"), ("pօrn", "sexual:porn*"), ("ꝑorn", "sexual:porn*"),
                           ("pᴑrn", "sexual:porn*"), ("pen is sex", "sexual:sex"), ("p*rn", "sexual:porn*"),

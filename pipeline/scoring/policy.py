@@ -122,11 +122,13 @@ def wants_regeneration(item: Item, regenerate_tries: int, regenerate_on: tuple[s
         return False
     if any(r.get("code") == "scorer_error" for r in item.reasons):
         return False
-    pixels = most_severe(
-        [r["action"] for r in item.reasons if r.get("stage") != "screen" and r.get("action") in SEVERITY]
+    # Every try carries the prompt screen's findings, so no try decides below them: when that floor is itself a
+    # decision to regenerate on, or the whole decision, a new seed cannot help.
+    floor = most_severe(
+        [r["action"] for r in item.reasons if r.get("stage") == "screen" and r.get("action") in SEVERITY]
     )
-    if pixels != item.decision:
-        return False  # the decision is the prompt's (a screen hit or a screen error)
+    if floor in regenerate_on or SEVERITY[floor] >= SEVERITY[item.decision]:
+        return False
     return item.attempt <= regenerate_tries
 
 
