@@ -433,7 +433,7 @@ def test_the_db_keeps_only_a_hash_of_live_sessions(env: Env, monkeypatch) -> Non
 
 def test_a_password_change_during_sign_in_leaves_no_session(env: Env, monkeypatch) -> None:
     import pipeline.audit.reviews as reviews
-    from pipeline.audit.sessions import sign_in as sign_in_reviewer
+    from pipeline.audit.sessions import sign_in_with_password as sign_in_reviewer
 
     real = reviews.check_password
 

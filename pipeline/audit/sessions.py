@@ -26,7 +26,7 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def sign_in(store: Any, name: str, password: str, ttl_s: float) -> tuple[dict[str, Any], str] | None:
+def sign_in_with_password(store: Any, name: str, password: str, ttl_s: float) -> tuple[dict[str, Any], str] | None:
     """Check the password and start a session valid for ``ttl_s`` seconds: (reviewer id/name/role, session key),
     or None for a wrong name or password or a disabled reviewer.
 

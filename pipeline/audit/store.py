@@ -230,6 +230,11 @@ class _ItemStatements:
         return [{**row, "created_at": stored, "updated_at": stored} for row in rows]
 
 
+def row_times_setting(conn: Connection) -> str | None:
+    """The stored text of ``audit_settings.row_times_from_seq`` (migration 0005), as found: ``verify`` judges it."""
+    return conn.scalar(select(_settings.c.value).where(_settings.c.name == ROW_TIMES_FROM_SEQ))
+
+
 def _row_to_item(row: Any) -> Item:
     m = row._mapping
     return Item(**{name: m[name] for name in ITEM_FIELDS})
@@ -554,9 +559,8 @@ class AuditStore:
 
     def row_times_from_seq(self) -> int | None:
         """``audit_settings.row_times_from_seq`` (see ``pipeline.audit.verify``); None when it is not a number."""
-        query = select(_settings.c.value).where(_settings.c.name == ROW_TIMES_FROM_SEQ)
         with self.engine.connect() as conn:
-            value = conn.scalar(query)
+            value = row_times_setting(conn)
         return int(value) if isinstance(value, str) and value.isdigit() else None
 
     @contextlib.contextmanager

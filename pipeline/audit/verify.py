@@ -44,11 +44,11 @@ from pipeline.audit.chain import (
     reviewer_payload,
     run_payload,
 )
-from pipeline.audit.schema import ROW_TIMES_FROM_SEQ, AuditSettingRow, EventRow, ItemRow, JobRow, ReviewerRow, RunRow
+from pipeline.audit.schema import ROW_TIMES_FROM_SEQ, EventRow, ItemRow, JobRow, ReviewerRow, RunRow
+from pipeline.audit.store import row_times_setting
 from pipeline.storage import open_input, retry
 
 _events = EventRow.__table__
-_settings = AuditSettingRow.__table__
 _items = ItemRow.__table__
 _jobs = JobRow.__table__
 _runs = RunRow.__table__
@@ -126,7 +126,7 @@ def verify(store: Any, *, images: bool = False, anchors: tuple[str, ...] = (), m
         if images:
             _check_images(conn, report)
         for url, doc in anchor_docs:
-            _check_anchor(conn, report, url, doc)
+            _check_anchor(conn, report, chain, url, doc)
     return report
 
 
@@ -142,6 +142,7 @@ class _ChainState:
     reviewers: dict[int, tuple[int, Any]] = field(default_factory=dict)  # id -> (seq, payload["reviewer"])
     # Row timestamps are checked for rows first recorded after this seq (audit_settings.row_times_from_seq)
     times_from: int = 0
+    times_text: str | None = None  # audit_settings.row_times_from_seq as stored (the anchors compare it)
     # run id -> [run_started time, latest run_ended time], for runs started after times_from
     run_times: dict[int, list[Any]] = field(default_factory=dict)
 
@@ -162,7 +163,7 @@ def _pages(conn: Connection, query: Any, key: Any) -> Iterator[Any]:
 
 def _check_chain(conn: Connection, report: VerifyReport) -> _ChainState:
     state = _ChainState()
-    bound = conn.scalar(select(_settings.c.value).where(_settings.c.name == ROW_TIMES_FROM_SEQ))
+    bound = state.times_text = row_times_setting(conn)
     if bound is None or not bound.isdigit():
         report.add(Problem("chain", f"audit_settings.{ROW_TIMES_FROM_SEQ} is {bound!r}, not a seq: it was edited"))
     else:
@@ -386,7 +387,7 @@ def _hash_page(pool: ThreadPoolExecutor, report: VerifyReport, rows: list[Any]) 
 # --- pass 4: anchors --------------------------------------------------------------------------------------------
 
 
-def _check_anchor(conn: Connection, report: VerifyReport, url: str, doc: Any) -> None:
+def _check_anchor(conn: Connection, report: VerifyReport, chain: _ChainState, url: str, doc: Any) -> None:
     report.anchors += 1
     if not isinstance(doc, dict) or doc.get("format") != ANCHOR_FORMAT or not isinstance(doc.get("seq"), int):
         report.add(Problem("anchors", f"anchor {url} is not a {ANCHOR_FORMAT} document"))
@@ -400,7 +401,7 @@ def _check_anchor(conn: Connection, report: VerifyReport, url: str, doc: Any) ->
     elif stored != digest:
         report.add(Problem("anchors", f"anchor {url}: event seq {seq} has hash {stored[:16]}..., the anchor "
                                       f"{str(digest)[:16]}...: the chain was rewritten", seq))  # fmt: skip
-    bound = conn.scalar(select(_settings.c.value).where(_settings.c.name == ROW_TIMES_FROM_SEQ))
+    bound = chain.times_text
     anchored = doc.get("row_times_from_seq")
     if anchored is not None and str(anchored) != bound:
         report.add(Problem("anchors", f"anchor {url}: audit_settings.{ROW_TIMES_FROM_SEQ} is {bound}, the anchor "

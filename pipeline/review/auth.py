@@ -26,8 +26,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from pipeline.audit.sessions import end_session, session_reviewer
-from pipeline.audit.sessions import sign_in as start_checked_session
+from pipeline.audit.sessions import end_session, session_reviewer, sign_in_with_password
 
 CSRF_FIELD = "csrf_token"
 SESSION_KEY = "sid"
@@ -80,7 +79,7 @@ def current_reviewer(request: Request, store: Any) -> Reviewer | None:
 def sign_in(request: Request, store: Any, name: str, password: str, ttl_s: float) -> bool:
     """Check the password and start a fresh session (a new CSRF token too: nothing from before sign-in carries
     over); False for a wrong name or password."""
-    signed_in = start_checked_session(store, name, password, ttl_s)
+    signed_in = sign_in_with_password(store, name, password, ttl_s)
     if signed_in is None:
         return False
     request.session.clear()
