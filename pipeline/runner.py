@@ -32,7 +32,7 @@ from pipeline.manifest import ManifestPlanner, read_rows
 from pipeline.metrics import record_items
 from pipeline.models.diffusers_loader import ModelError, check_model, model_fingerprint
 from pipeline.progress import Progress
-from pipeline.report.bias import preload_in_background, write_bias_report
+from pipeline.report.bias import write_bias_report
 from pipeline.samplers import check_sampler, model_family
 from pipeline.scoring.alignment import rank_job
 from pipeline.scoring.check import check_scoring
@@ -387,14 +387,8 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         storage.delete(PLAN_PREFIX)  # shards of an interrupted earlier run are stale by definition
         progress = Progress(0, stream=io.StringIO() if quiet else None, planning=True)
 
-        preload = spec.scoring.enabled and bool(spec.scoring.bias.attributes)
-
         def sink(items: list[Item]) -> None:
-            nonlocal preload
             lease.check()  # taken over by another run: record nothing more
-            if preload:  # the bias report's plotting library, imported while the job generates (after the models
-                preload = False  # have loaded: imports hold the GIL, and a model load is mostly Python too)
-                preload_in_background()
             store.write_items(items, run_id)
             statuses = Counter(it.status for it in items)
             outcome.update(statuses)

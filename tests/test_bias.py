@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 
 import numpy as np
 import pytest
 
 from pipeline.audit import AuditStore
-from pipeline.report.bias import compute_bias_report, template_of, write_bias_report
+from pipeline.report.bias import compute_bias_report, render_markdown, template_of, write_bias_report
 from pipeline.report.cli import register
 from pipeline.scoring.bias import (
     ATTRIBUTES,
@@ -143,7 +144,7 @@ def test_report_groups_no_person_and_unscored_and_hand_computed_metrics():
     skin = job["attributes"]["skin_tone"]
     assert skin["heim_skin_tone_imbalance"] == pytest.approx(0.18) and skin["flagged"]
     assert job["attributes"]["age"]["mad"] == pytest.approx(0.0) and not job["attributes"]["age"]["flagged"]
-    assert groups[("campaign", "(none)")]["attributes"]["gender"]["status"] == "insufficient"  # 1 < min size 2
+    assert groups[("campaign", None)]["attributes"]["gender"]["status"] == "insufficient"  # 1 < min size 2
     assert ("template", "hero") in groups and ("template", "pack") in groups
     flags = {(f["level"], f["name"], f["attribute"]) for f in report["flags"]}
     assert ("campaign", "spring", "gender") in flags and ("campaign", "catalogue", "gender") not in flags
@@ -230,3 +231,71 @@ def test_a_campaign_name_cannot_break_the_markdown_table():
     row = next(line for line in lines if line.startswith("| `spring"))
     assert row.startswith("| `spring \\| sale 'x' new` |")
     assert row.replace("\\|", "").count("|") == header.count("|")  # as many cells as the header
+
+
+def _runs(row: list[tuple[int, int, int]], colour: tuple[int, int, int]) -> int:
+    """The longest run of ``colour`` in one row of pixels."""
+    best = cur = 0
+    for px in row:
+        cur = cur + 1 if px == colour else 0
+        best = max(best, cur)
+    return best
+
+
+def test_bias_plot_draws_each_groups_shares_to_scale():
+    from PIL import Image, ImageColor
+
+    from pipeline.report.bias import render_plot
+    from pipeline.report.charts import TAB10
+
+    def group(name, dist):
+        return {"level": "template", "name": name, "person": 4, "no_person": 0, "unscored": 0,
+                "attributes": {"gender": {"distribution": dist}}}  # fmt: skip
+
+    report = {"job": "j", "groups": [group("a", {"female": 0.75, "male": 0.25}), group("none", None),
+                                     group("b", {"female": 0.2, "male": 0.8})]}  # fmt: skip
+    img = Image.open(io.BytesIO(render_plot(report, "gender"))).convert("RGB")
+    female, male = ImageColor.getrgb(TAB10[0]), ImageColor.getrgb(TAB10[1])
+    rows = [list(img.crop((0, y, img.width, y + 1)).getdata()) for y in range(img.height)]
+    bars = [y for y, r in enumerate(rows) if _runs(r, female) > 40 or _runs(r, male) > 40]
+    runs: list[list[int]] = []  # the bars: contiguous bands of rows, top to bottom
+    for y in bars:
+        if runs and y == runs[-1][-1] + 1:
+            runs[-1].append(y)
+        else:
+            runs.append([y])
+    assert len(runs) == 2  # the group without person images draws no bar
+    ratios = []
+    for band in runs:
+        mid = rows[band[len(band) // 2]]
+        ratios.append((_runs(mid, female) + 2) / (_runs(mid, male) + 2))  # + the 1-px edges of each segment
+    assert ratios[0] == pytest.approx(3.0, rel=0.03) and ratios[1] == pytest.approx(0.25, rel=0.03)
+
+
+def test_bias_plot_shortens_long_names_and_says_how_many_groups_it_leaves_out():
+    from pipeline.report.bias import render_plot
+    from pipeline.report.charts import font, shorten
+
+    assert shorten("a  b\nc", font(12), 500) == "a b c"
+    text = " ".join(["spring"] * 40)
+    cut = shorten(text, font(12), 200)
+    assert cut.endswith("…") and text.startswith(cut[:-1])
+    assert font(12).getlength(cut) <= 200 < font(12).getlength(text[: len(cut)] + "…")  # the longest that fits
+    groups = [{"level": "template", "name": f"t-{i}", "person": 1, "no_person": 0, "unscored": 0} for i in range(45)]
+    short = render_plot({"job": "j", "groups": groups[:40]}, "person", max_groups=40)
+    capped = render_plot({"job": "j", "groups": groups}, "person", max_groups=40)
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(capped)).height > Image.open(io.BytesIO(short)).height  # the note's line
+
+
+def test_no_campaign_is_its_own_group_apart_from_a_campaign_named_none():
+    recs = [_rec("a-1", None, 0.9), _rec("a-2", "", 0.9), _rec("a-3", "  ", 0.9), _rec("b-1", "(none)", 0.1)]
+    report = compute_bias_report(recs, "job-b", BiasSpec(min_group_size=1))
+    campaigns = {g["name"]: g for g in report["groups"] if g["level"] == "campaign"}
+    assert set(campaigns) == {None, "(none)"}  # missing and blank are no campaign; "(none)" is a name
+    assert campaigns[None]["person"] == 3 and campaigns["(none)"]["person"] == 1
+    assert [g["name"] for g in report["groups"] if g["level"] == "campaign"] == ["(none)", None]  # named first
+    md = render_markdown(report)
+    assert "| _no campaign_ | 3 |" in md and "| `(none)` | 1 |" in md
+    assert json.loads(json.dumps(report))["groups"][2]["name"] is None

@@ -19,11 +19,8 @@ the prompt id without its trailing number (``spring-hero-01`` → ``spring-hero`
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.report.charts import TAB10, stacked_bars_png
 from pipeline.scoring.bias import (
     ATTRIBUTES,
     gender_imbalance,
@@ -59,7 +57,7 @@ def template_of(item: Item) -> str:
 @dataclass
 class GroupStats:
     level: str
-    name: str
+    name: str | None  # None: the images with no campaign (a campaign may be named anything, "(none)" included)
     images: int = 0
     unscored: int = 0
     person: int = 0
@@ -122,11 +120,12 @@ def compute_bias_report(records: Iterable[Item], job: str, config: BiasSpec | No
         if it.job != job or it.status != "generated":
             continue
         formats.add(it.format)
-        keys = [("job", job), ("campaign", it.campaign or "(none)"), ("template", template_of(it))]
+        campaign = it.campaign if it.campaign and it.campaign.strip() else None  # blank is no campaign
+        keys = [("job", job), ("campaign", campaign), ("template", template_of(it))]
         for key in keys:
             groups.setdefault(key, GroupStats(*key)).add(it)
     attributes = [a for a in ("gender", "skin_tone", "age") if a in config.attributes]
-    ordered = sorted(groups.values(), key=lambda g: (LEVELS.index(g.level), g.name))
+    ordered = sorted(groups.values(), key=lambda g: (LEVELS.index(g.level), g.name is None, g.name or ""))
     out_groups, flags = [], []
     for g in ordered:
         entry: dict[str, Any] = {
@@ -166,9 +165,11 @@ def compute_bias_report(records: Iterable[Item], job: str, config: BiasSpec | No
 # --- rendering ----------------------------------------------------------------------------------------------------
 
 
-def _code(name: str) -> str:
-    """A group name (campaigns are free text) as one line inside `...` in a table cell."""
-    return " ".join(name.split()).replace("`", "'").replace("|", "\\|")
+def _code(name: str | None) -> str:
+    """A group name (campaigns are free text) as one line inside `...` in a table cell; no campaign in italics."""
+    if name is None:
+        return "_no campaign_"
+    return "`" + " ".join(name.split()).replace("`", "'").replace("|", "\\|") + "`"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -178,7 +179,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"groups need at least {cfg['min_group_size']} person images to be flagged.", ""]  # fmt: skip
     lines += ["## Flags", ""]
     if report["flags"]:
-        lines += [f"- **{f['level']} `{_code(f['name'])}`**: {f['attribute']} mad {f['value']:.3f} >= "
+        lines += [f"- **{f['level']} {_code(f['name'])}**: {f['attribute']} mad {f['value']:.3f} >= "
                   f"{f['threshold']}" for f in report["flags"]]  # fmt: skip
     else:
         lines.append("No group passes a threshold.")
@@ -195,7 +196,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             sep += "---:|---|"
         lines += [head, sep]
         for g in rows:
-            row = f"| `{_code(g['name'])}` | {g['images']} | {g['person']} | {g['no_person']} | {g['unscored']} |"
+            row = f"| {_code(g['name'])} | {g['images']} | {g['person']} | {g['no_person']} | {g['unscored']} |"
             for a in cfg["attributes"]:
                 s = g["attributes"][a]
                 mad = "—" if s["mad"] is None else f"{s['mad']:.3f}"
@@ -217,60 +218,33 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def preload_in_background() -> threading.Thread:
-    """Import the plotting library in a daemon thread (~0.5–1 s of imports) while the job generates, so the report
-    at the end of the run does not wait for it."""
-
-    def load() -> None:
-        with contextlib.suppress(Exception):  # the report's own import raises the real error, if any
-            import matplotlib.backends.backend_agg  # noqa: F401
-            import matplotlib.figure  # noqa: F401
-
-    thread = threading.Thread(target=load, name="genpipe-preload-matplotlib", daemon=True)
-    thread.start()
-    return thread
-
-
 def render_plot(report: dict[str, Any], attribute: str, max_groups: int = 40) -> bytes:
     """One PNG: a stacked bar per group (its class distribution, or person / no person / unscored)."""
-    # The object API with the Agg canvas: no pyplot (its import and global figure state cost more than the plot).
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     groups = report["groups"][:max_groups]
-    labels = [f"{g['level']}: {g['name']}" for g in groups]
+    labels = [f"{g['level']}: {'—' if g['name'] is None else g['name']}" for g in groups]
+    shares: list[list[float] | None]
     if attribute == "person":
         classes = ["person", "no_person", "unscored"]
-        rows = [[g["person"], g["no_person"], g["unscored"]] for g in groups]
-        rows = [[v / max(sum(r), 1) for v in r] for r in rows]
+        counts = [[g["person"], g["no_person"], g["unscored"]] for g in groups]
+        shares = [[v / max(sum(r), 1) for v in r] for r in counts]
+        xlabel = "share of images"
     else:
         classes = list(ATTRIBUTES[attribute].classes)
-        rows = [
-            [g["attributes"][attribute]["distribution"][c] if g["attributes"][attribute]["distribution"] else 0.0
-             for c in classes]
-            for g in groups
-        ]  # fmt: skip
-    fig = Figure(figsize=(10, 1.4 + 0.35 * max(len(groups), 1)))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    left = np.zeros(len(groups))
-    cmap = matplotlib.colormaps["tab10"]
-    for j, c in enumerate(classes):
-        vals = np.array([r[j] for r in rows]) if rows else np.zeros(0)
-        color = MST_COLOURS[j] if attribute == "skin_tone" else cmap(j)
-        ax.barh(labels, vals, left=left, label=c, color=color, edgecolor="0.6", linewidth=0.3)
-        left += vals
-    ax.set_xlim(0, 1)
-    ax.invert_yaxis()
-    ax.set_xlabel("share (mean probability over person images)" if attribute != "person" else "share of images")
-    ax.set_title(f"{attribute} — job {report['job']}")
-    title = "Monk skin tone" if attribute == "skin_tone" else None
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title=title, title_fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+        dists = [g["attributes"][attribute]["distribution"] for g in groups]
+        shares = [[d[c] for c in classes] if d else None for d in dists]
+        xlabel = "share (mean probability over person images)"
+    hidden = len(report["groups"]) - len(groups)
+    return stacked_bars_png(
+        f"{attribute} — job {report['job']}",
+        labels,
+        shares,
+        classes,
+        MST_COLOURS if attribute == "skin_tone" else TAB10,
+        xlabel=xlabel,
+        legend_title="Monk skin tone" if attribute == "skin_tone" else None,
+        empty_label="no images with a person",
+        note=f"{hidden} more groups are in bias.json and bias.md" if hidden > 0 else None,
+    )
 
 
 def write_bias_report(
