@@ -284,3 +284,15 @@ def test_ordinary_words_side_by_side_are_not_read_as_a_term(screen):
         assert rule in [m.rule.name for m in screen.check(evasion)], evasion
     for plain in ("snake_case banner", "5*star hotel", "a*b testing", "sale_price_tag"):
         assert screen.check(plain) == (), plain
+
+
+def test_several_masked_letters_read_as_the_term_words_they_can_stand_for(screen):
+    # One `*` or `_` was read as each vowel; a run of them (`p**n`) stood for one letter and so never matched.
+    for evasion, rule in (("a p**n photo", "sexual:porn*"), ("p__n", "sexual:porn*"), ("p**ns", "sexual:porn*"),
+                          ("b**bs out", "sexual:boobs"), ("n**ed woman", "sexual:naked woman"),
+                          ("s*lf h*rm", "self_harm:self harm"), ("s*lf-h*rm tips", "self_harm:self harm"),
+                          ("k*ll mys*lf", "self_harm:kill myself"), ("su*c*de note", "self_harm:suicide")):  # fmt: skip
+        assert rule in [m.rule.name for m in screen.check(evasion)], evasion
+    # A mask is one letter: a run that is too long for any term word, and masks after a term's letters, match nothing.
+    for plain in ("p*****n", "pet_tag", "lily_rose_dress", "item_sku_a", "pool_side"):
+        assert screen.check(plain) == (), plain

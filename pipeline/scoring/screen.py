@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import os
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,19 +84,40 @@ _APOSTROPHE_S = re.compile(r"(?<=[a-z])['’ʼ]s\b")
 
 #: A ``*`` or ``_`` between letters stands for a letter someone did not want to write (``p*rn``, ``s_x``).
 _MASKED = re.compile(r"(?<=[a-z])[*_]+(?=[a-z])")
+#: A word with masked letters: letters, then runs of masks and letters (``p**n``, ``s*lf``).
+_MASKED_WORD = re.compile(r"(?<![a-z*_])[a-z]+(?:[*_]+[a-z]+)+")
+_MAX_UNMASKED = 64  # readings from masked words, at most (their combinations multiply)
 
 
-def _readings(text: str) -> list[tuple[list[str], list[bool] | None]]:
+def _readings(text: str, unmask: Callable[[str], list[str]] | None = None) -> list[tuple[list[str], list[bool] | None]]:
     """``normalized_variants`` with, per word, whether it was read from a number: a token (a run of letters, digits
     and leet symbols) with digits and no letter — ``1011``, ``$1011``, the ``7175`` of ``SKU-7175``. The flags are
-    None when no word was. A masked letter (``p*rn``) is read as each vowel in turn, as well as as a separator."""
+    None when no word was. A masked letter (``p*rn``) is read as each vowel in turn, as well as as a separator;
+    ``unmask`` (a masked word → the words it can stand for, one letter per mask) adds those readings (``p**n``)."""
     b = _APOSTROPHE_S.sub("s", _base(text))
     if _MASKED.search(b):
+        texts = [b, *(_MASKED.sub(v, b) for v in "aeiou")]
+        if unmask is not None:
+            texts += _unmasked_texts(b, unmask)
         out: list[tuple[list[str], list[bool] | None]] = []
-        for reading in (b, *(_MASKED.sub(v, b) for v in "aeiou")):
+        for reading in texts:
             out += [r for r in _unmasked_readings(reading) if r not in out]
         return out
     return _unmasked_readings(b)
+
+
+def _unmasked_texts(b: str, unmask: Callable[[str], list[str]]) -> list[str]:
+    """``b`` with its masked words replaced by what they can stand for, every combination (up to a cap)."""
+    spans = [(m.span(), unmask(m.group())) for m in _MASKED_WORD.finditer(b)]
+    spans = [(span, words) for span, words in spans if words]
+    texts: list[str] = []
+    for choice in itertools.islice(itertools.product(*(words for _, words in spans)), _MAX_UNMASKED):
+        parts, pos = [], 0
+        for ((a, z), _), word in zip(spans, choice, strict=True):
+            parts += [b[pos:a], word]
+            pos = z
+        texts.append("".join(parts) + b[pos:])
+    return texts if spans else []
 
 
 def _unmasked_readings(b: str) -> list[tuple[list[str], list[bool] | None]]:
@@ -263,6 +285,26 @@ class _Matcher:
             + [sq for _, _, sq in self.multi]
         )
         self._word = functools.lru_cache(maxsize=1 << 14)(self._word_uncached)
+        self.vocab_by_first: dict[str, list[str]] = {}  # every word of every term, for masked words
+        for w in sorted({w for r in self.rules for w in r.words}):
+            self.vocab_by_first.setdefault(w[0], []).append(w)
+
+    def unmask(self, token: str) -> list[str]:
+        """What a word with masked letters (``p**n``, ``s*lf``; each ``*`` or ``_`` one letter) reads as: each term
+        word its start matches, with at least one mask inside, followed by the word's unmasked rest."""
+        token = token.translate(_FOLD)  # term words are folded (l → i)
+        out = []
+        for w in self.vocab_by_first.get(token[0], ()):
+            head, rest = token[: len(w)], token[len(w) :]
+            if (
+                len(head) == len(w)
+                and "*" not in rest
+                and "_" not in rest
+                and any(c in "*_" for c in head)
+                and all(c == t or c in "*_" for c, t in zip(head, w, strict=True))
+            ):
+                out.append(w + rest)
+        return out
 
     def _may_extend(self, cat: str, sq: str | None = None) -> bool:
         return cat in self.window_prefixes or (sq if sq is not None else squeeze(cat)) in self.sq_window_prefixes
@@ -456,7 +498,7 @@ class PromptScreen:
 
     def _check(self, text: str) -> tuple[Match, ...]:
         hits: dict[str, Match] = {}
-        for words, numeric in _readings(text):
+        for words, numeric in _readings(text, self._matcher.unmask):
             found = self._matcher.find(words, numeric)
             if not found:
                 continue
