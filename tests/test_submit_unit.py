@@ -186,6 +186,12 @@ def test_overrides_with_a_password_are_refused_without_echoing_it():
         with pytest.raises(ClusterError, match="carries a password"):
             check_overrides([f"database={leaky}"])
     check_overrides(["output=s3://bucket/runs/a:b", "manifest=s3://b/m.parquet?versionId=3"])  # no secret here
+    # An "@" in the path of a storage or web URL is no password (RFC 3986: the authority ends at the first "/").
+    check_overrides(["model.id=http://host:8080/models/a@b", "output=s3://bucket:x/runs/v@2"])
+    for leaky in ("https://u:hunter2@cdn.internal/lora", "s3://key:secret@bucket/o", "mysql+pymysql://u:p/w@db/x",
+                  "snowflake://u:pa/ss@acct/db", "HTTP://u:p@h/"):  # fmt: skip
+        with pytest.raises(ClusterError, match="carries a password"):
+            check_overrides([f"output={leaky}"])
     with pytest.raises(ClusterError, match="carries a password"):  # inside a list of mappings too
         check_overrides(['model.lora=[{path: "https://u:hunter2@cdn.internal/lora", scale: 1}]'])
 

@@ -57,10 +57,15 @@ EXCLUDES = [
     "*.egg-info",
     "node_modules",
 ]
-#: ``scheme://user:password@host`` — a URL carrying a password (which may hold a "/": SQLAlchemy takes
-#: everything up to the last "@"), or a ``password=`` / ``secret=`` / ``token=`` query parameter.
+#: ``scheme://user:password@host`` — a URL carrying a password, or a ``password=`` / ``secret=`` / ``token=`` query
+#: parameter. In a database URL the password may hold a "/" (SQLAlchemy takes everything up to the last "@"); in
+#: the storage and web URLs that follow RFC 3986 the authority ends at the first "/", "?" or "#", so the "@" of
+#: ``https://host:8080/a@b`` is in the path. Any other scheme is read the SQLAlchemy way: better refused than leaked.
+_RFC3986_SCHEMES = r"(?:https?|s3a?|gs|gcs|az|abfs|abfss|adl|hf|ftp|sftp|ssh|webhdfs|hdfs|file|memory)"
 URL_WITH_PASSWORD = re.compile(
-    r"[A-Za-z][A-Za-z0-9+.-]*://[^@\s:/]*:[^@\s]+@|[?&](?:password|passwd|pwd|secret|token|sslpassword)=",
+    rf"(?<![A-Za-z0-9+.-]){_RFC3986_SCHEMES}://[^@\s:/?#]*:[^@\s/?#]*@"
+    rf"|(?<![A-Za-z0-9+.-])(?!{_RFC3986_SCHEMES}://)[A-Za-z][A-Za-z0-9+.-]*://[^@\s:/]*:[^@\s]+@"
+    r"|[?&](?:password|passwd|pwd|secret|token|sslpassword)=",
     re.IGNORECASE,
 )
 
