@@ -167,6 +167,9 @@ def parse_row(raw: dict[str, Any], allowed_overrides: tuple[str, ...] = OVERRIDE
             data.pop("tags")
     if "lora" in data and isinstance(data["lora"], str):
         data["lora"] = [{"path": data["lora"]}]
+    elif isinstance(data.get("lora"), list | tuple):  # Parquet structs give every field; an unset one is null
+        data["lora"] = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a
+                        for a in data["lora"]]  # fmt: skip
     data["metadata"] = metadata
     try:
         row = ManifestRow.model_validate(data)

@@ -172,6 +172,23 @@ def test_check_model_errors_name_the_problem(tmp_path):
     assert check_model(ModelSpec(id=str(pickled))) == str(pickled)
 
 
+def test_a_broken_model_fails_the_run_with_one_line_naming_it(tiny_models, make_spec, tmp_path, capsys):
+    # check_model sees the files; only loading finds a truncated safetensors file, inside the stage's setup().
+    import shutil
+
+    from pipeline.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["sd"], model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    spec = make_spec([{"prompt_id": "p0", "prompt": "a red mug"}], model={"id": str(model)})
+    assert main(["run", spec, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"genpipe: error: {str(model)!r}: cannot load the pipeline: ") and "Traceback" not in err
+    assert "diffusion_pytorch_model.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
 def test_check_model_offline_hf_id_and_lora_errors(tiny_models, tmp_path):
     with pytest.raises(ModelError, match="not in the local HF cache, and HF_HUB_OFFLINE is set"):
         check_model(ModelSpec(id="some-org/some-model-that-is-not-cached"))

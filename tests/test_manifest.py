@@ -278,3 +278,17 @@ def test_a_column_name_used_twice_is_an_error_naming_it(tmp_path):
     pq.write_table(table, tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match="column name\\(s\\) used more than once: prompt_id"):
         list(read_rows(str(tmp_path / "m.parquet")))
+
+
+def test_a_parquet_lora_struct_without_a_scale_takes_the_default(tmp_path):
+    # Parquet gives a struct column every field: the adapter without a scale reads back as scale=None.
+    own = str(tmp_path / "brand")
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.Table.from_pylist([{**GOOD, "prompt_id": "a", "lora": [{"path": own, "scale": 0.5}]},
+                                         {**GOOD, "prompt_id": "b", "lora": [{"path": own}]}]), path)  # fmt: skip
+    rows = [raw for _, raw in read_rows(path)]
+    assert rows[1]["lora"] == [{"path": own, "scale": None}]
+    spec = _spec(model={"lora": [{"path": own}]})
+    outcomes = [ManifestPlanner(spec).plan_row(n, raw) for n, raw in enumerate(rows)]
+    assert [o.problems for o in outcomes] == [[], []]
+    assert [o.items[0].lora[0]["scale"] for o in outcomes] == [0.5, 1.0]

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import GenpipeError
 from schemas.spec import LoraSpec, ModelSpec
 
 _PICKLE_WEIGHTS = (".bin", ".pt", ".ckpt", ".pth")
@@ -33,8 +34,9 @@ def _dtype_kwarg() -> str:
     return "dtype"
 
 
-class ModelError(ValueError):
-    """The model or an adapter cannot be used: missing, not a diffusers pipeline, or not safetensors."""
+class ModelError(GenpipeError, ValueError):
+    """The model or an adapter cannot be used: missing, broken, not a diffusers pipeline, or not safetensors. A
+    ``GenpipeError``, so the CLI prints it as one line wherever it is raised (also in a stage's ``setup()``)."""
 
 
 def is_local(model_id: str) -> bool:
@@ -129,12 +131,23 @@ def check_lora(lora: LoraSpec | dict[str, Any]) -> None:
         raise ModelError(f"LoRA adapter directory {path!r} has no .safetensors file")
 
 
+def _quiet_loading() -> None:
+    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers: genpipe prints
+    one progress line of its own, and a load error one line naming the model."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(model: ModelSpec, device: str):
     """The pipeline on ``device`` with the spec's LoRA adapters loaded (inactive until ``set_adapters``)."""
     import torch
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     path = check_model(model)
+    _quiet_loading()
     kwargs = {"revision": model.revision, _dtype_kwarg(): getattr(torch, model.dtype), "use_safetensors": True}
     try:
         try:
@@ -144,8 +157,10 @@ def load_pipeline(model: ModelSpec, device: str):
                 raise
             # A text-to-image pipeline AutoPipeline has no mapping for (community or new classes).
             pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    except OSError as exc:  # hub errors (missing repo/revision/file, offline) are OSErrors
-        raise ModelError(f"{model.id!r}: cannot load the pipeline: {exc}") from exc
+    except Exception as exc:  # hub errors are OSErrors; a truncated file or a config that does not fit the weights
+        # raise whatever diffusers, safetensors or torch raise: each is a broken model, named on one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"{model.id!r}: cannot load the pipeline: {type(exc).__name__}: {first}") from exc
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for lora in model.lora:
