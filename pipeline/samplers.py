@@ -1,11 +1,16 @@
 """The sampler table: a sampler name → a diffusers scheduler class, its extra settings and the model families it fits.
 
 Schedulers are swapped the diffusers way, ``Cls.from_config(pipe.scheduler.config, **extra)``, so the model's own
-training settings (betas, prediction type, timestep spacing) carry over and only the sampling algorithm changes.
+training settings (betas, prediction type, timestep spacing, flow shift) carry over and only the sampling algorithm
+changes. The algorithm is the sampler name's alone: the keys in ``ALGORITHM_KEYS`` are set to the class's defaults
+before ``extra`` is applied, so a model shipped with DPM++ 2M Karras still samples ``dpmpp_2m`` without Karras
+sigmas, and ``euler`` never inherits them.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +81,22 @@ def check_sampler(name: str, family: Family | None) -> None:
         )
 
 
+#: Scheduler settings that choose the sampling algorithm rather than describe the model's training.
+ALGORITHM_KEYS = (
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "algorithm_type",
+    "solver_order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type", "interpolation_type",
+    "predict_x0", "disable_corrector", "stochastic_sampling",
+)  # fmt: skip
+
+
+@functools.cache
+def _algorithm_defaults(cls: type) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        k: params[k].default for k in ALGORITHM_KEYS if k in params and params[k].default is not inspect.Parameter.empty
+    }
+
+
 def make_scheduler(name: str, base_config: Any):
     """A new scheduler for sampler ``name`` built from a model's scheduler config (``pipe.scheduler.config``)."""
     import diffusers
@@ -83,7 +104,7 @@ def make_scheduler(name: str, base_config: Any):
     check_sampler(name, None)
     sampler = SAMPLERS[name]
     cls = getattr(diffusers, sampler.scheduler)
-    return cls.from_config(base_config, **sampler.extra)
+    return cls.from_config(base_config, **{**_algorithm_defaults(cls), **sampler.extra})
 
 
 def model_family(model_path_or_id: str | Path) -> Family | None:

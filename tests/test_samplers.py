@@ -97,3 +97,22 @@ def test_model_family(tiny_models, tmp_path):
     assert model_family(d) == "flow"
     assert model_family(tmp_path / "missing") is None
     assert model_family("some-org/not-in-the-cache") is None
+
+
+def test_the_sampler_name_alone_picks_the_algorithm_and_the_model_keeps_its_training_settings():
+    # A fine-tune shipped with DPM++ 2M SDE Karras: from_config alone would carry those choices into every sampler.
+    shipped = {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True, "solver_order": 3,
+               "algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction",
+               "timestep_spacing": "trailing", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+               "beta_end": 0.012, "num_train_timesteps": 1000, "rescale_betas_zero_snr": True}  # fmt: skip
+    plain = make_scheduler("dpmpp_2m", shipped).config
+    assert (plain.use_karras_sigmas, plain.algorithm_type, plain.solver_order, plain.final_sigmas_type) == (
+        False, "dpmsolver++", 2, "zero")  # fmt: skip
+    karras = make_scheduler("dpmpp_2m_karras", shipped).config
+    assert (karras.use_karras_sigmas, karras.algorithm_type) == (True, "dpmsolver++")
+    assert make_scheduler("dpmpp_2m_sde", shipped).config.algorithm_type == "sde-dpmsolver++"
+    assert make_scheduler("euler", shipped).config.use_karras_sigmas is False
+    for name in ("dpmpp_2m", "euler", "ddim", "unipc"):
+        cfg = make_scheduler(name, shipped).config
+        assert (cfg.prediction_type, cfg.timestep_spacing, cfg.beta_end, cfg.rescale_betas_zero_snr) == (
+            "v_prediction", "trailing", 0.012, True), name  # fmt: skip
