@@ -254,7 +254,7 @@ def warm_up(cfg: Config) -> dict[str, float]:
     t1 = time.perf_counter()
     pipe = _load_bare(cfg, path)
     gen = [torch.Generator(device="cpu").manual_seed(0)]
-    pipe(prompt=["warm-up"], negative_prompt=[""], num_inference_steps=2, guidance_scale=cfg.guidance,
+    pipe(prompt=["warm-up"], num_inference_steps=2, guidance_scale=cfg.guidance,
          width=cfg.width, height=cfg.height, generator=gen, output_type="np")  # fmt: skip
     del pipe
     gc.collect()
@@ -265,15 +265,14 @@ def _load_bare(cfg: Config, path: str):
     import diffusers
     import torch
 
-    from pipeline.samplers import SAMPLERS  # the name → scheduler-class table only
+    from pipeline.samplers import make_scheduler  # the scheduler genpipe would use: set-up, not per-image work
 
     dtype_kwarg = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
     pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
         path, **{dtype_kwarg: getattr(torch, cfg.dtype)}, use_safetensors=True
     ).to(cfg.device)
     pipe.set_progress_bar_config(disable=True)
-    sampler = SAMPLERS[cfg.sampler]
-    pipe.scheduler = getattr(diffusers, sampler.scheduler).from_config(pipe.scheduler.config, **sampler.extra)
+    pipe.scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
     return pipe
 
 
@@ -299,7 +298,6 @@ def run_bare(cfg: Config, rows: list[dict[str, Any]], per_image: bool) -> dict[s
         chunk = rows[start : start + size]
         images = pipe(
             prompt=[r["prompt"] for r in chunk],
-            negative_prompt=[""] * len(chunk),
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance,
             width=cfg.width,

@@ -249,3 +249,34 @@ def test_model_fingerprint_reuses_a_cached_digest_until_the_file_changes(tmp_pat
     hashed.clear()
     model_fingerprint(model, cache=cache)
     assert hashed == ["x"]
+
+
+@pytest.mark.timeout(180)
+def test_sdxl_without_a_negative_prompt_matches_the_diffusers_call_without_one(tmp_path):
+    # SDXL zeroes the unconditional embedding for negative_prompt=None (force_zeros_for_empty_prompt), not for [""]:
+    # genpipe passed [""] for "no negative prompt", so its images differed from a plain diffusers call.
+    import torch
+
+    from benchmarks.gpu import build_sdxl_random
+    from pipeline.samplers import make_scheduler
+
+    model = str(build_sdxl_random(tmp_path / "sdxl", "float32", "cpu", arch="sdxl-tiny"))
+    generator = make_generator(ModelSpec(id=model), batch_size=2)
+    setting = {"model": model, "sampler": "euler", "steps": 2, "guidance_scale": 5.0, "width": 64, "height": 64}
+    items = [make_item("a red mug", seed=7, **setting), make_item("a blue mug", seed=8, **setting),
+             make_item("a red mug", seed=7, negative_prompt="blurry", **setting)]  # fmt: skip
+    plain, other, negative = pixels_of(generator.process(items))
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
+
+    def bare(**extra):
+        out = pipe(prompt=["a red mug"], num_inference_steps=2, guidance_scale=5.0, width=64, height=64,
+                   generator=[torch.Generator("cpu").manual_seed(7)], output_type="np", **extra).images[0]  # fmt: skip
+        return (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)
+
+    assert np.array_equal(plain, bare()) and not np.array_equal(bare(), bare(negative_prompt=[""]))
+    assert np.array_equal(negative, bare(negative_prompt=["blurry"]))

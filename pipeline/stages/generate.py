@@ -147,8 +147,10 @@ class DiffusersGenerator(Stage):
             "generator": [torch.Generator(device="cpu").manual_seed(int(it.seed)) for it in items],
             "output_type": "np",
         }
-        if "negative_prompt" in self._call_params:
-            kwargs["negative_prompt"] = [it.negative_prompt or "" for it in items]
+        if "negative_prompt" in self._call_params and first.negative_prompt:
+            # A call's items all have a negative prompt or none do (``Item.param_key``). None is what a diffusers
+            # user passes for none, and it is not always [""]: SDXL zeroes the unconditional embedding for it.
+            kwargs["negative_prompt"] = [it.negative_prompt for it in items]
         start = time.perf_counter()
         try:
             images = self._pipe(**kwargs).images
