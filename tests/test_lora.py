@@ -109,3 +109,25 @@ def test_an_adapter_at_an_fsspec_url_is_fetched_once_into_the_cache(tiny_lora, t
         fs.rm("memory://genpipe-test-loras", recursive=True)
     assert all(np.array_equal(a, b) for a, b in zip(local, remote, strict=True))
     assert len(list((tmp_path / "cache" / "lora").iterdir())) == 1
+
+
+def test_an_adapter_replaced_at_its_url_is_fetched_again(tiny_lora, tmp_path, monkeypatch):
+    # The cache was keyed on the URL alone: a new actor or a later run kept loading the replaced adapter.
+    import fsspec
+
+    monkeypatch.setenv("GENPIPE_CACHE", str(tmp_path / "cache"))
+    other = fm.build_tiny_lora(fm.ensure_tiny()["sd"], tmp_path / "other", seed=1)
+    url = "memory://genpipe-test-loras-replaced/style"
+    fs = fsspec.filesystem("memory")
+
+    def publish(adapter):
+        fs.pipe(f"{url}/pytorch_lora_weights.safetensors", (adapter / "pytorch_lora_weights.safetensors").read_bytes())
+        return pixels_of(make_generator(batch_size=1).process(lora_items(as_row(url, 1.0))[:1]))[0]
+
+    try:
+        first, second = publish(tiny_lora), publish(other)
+    finally:
+        fs.rm("memory://genpipe-test-loras-replaced", recursive=True)
+    expected = pixels_of(make_generator(batch_size=1).process(lora_items(as_row(other, 1.0))[:1]))[0]
+    assert not np.array_equal(first, second) and np.array_equal(second, expected)
+    assert len(list((tmp_path / "cache" / "lora").iterdir())) == 2  # one copy per version

@@ -202,16 +202,23 @@ def load_lora(pipe, lora: LoraSpec | dict[str, Any]) -> str:
 
 
 def _fetch_lora(path: str) -> str:
-    """A local path for the adapter; remote (fsspec) adapters are copied once into the genpipe cache."""
+    """A local path for the adapter; a remote (fsspec) adapter is copied into the genpipe cache once per version: the
+    cache key holds the remote files' listing (size, ETag, modification time: whatever the filesystem reports), so
+    an adapter replaced at the same URL is fetched again."""
     if "://" not in path or path.startswith("file://"):
         return str(Path(path.removeprefix("file://")).expanduser())
     import fsspec
 
     from pipeline.models.tiny import cache_root
 
-    target = cache_root() / "lora" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    fs, remote = fsspec.core.url_to_fs(path)
+    try:
+        listing = fs.find(remote, detail=True) if fs.isdir(remote) else {remote: fs.info(remote)}
+    except OSError as exc:
+        raise ModelError(f"LoRA adapter {path!r} cannot be read: {exc}") from exc
+    version = json.dumps(sorted(listing.items()), sort_keys=True, default=str)
+    target = cache_root() / "lora" / hashlib.sha256(f"{path}\0{version}".encode()).hexdigest()[:16]
     if not target.exists():
-        fs, remote = fsspec.core.url_to_fs(path)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         if fs.isdir(remote):
