@@ -24,6 +24,9 @@ KNOWN_COLUMNS = (
 )  # fmt: skip
 OVERRIDE_COLUMNS = ("negative_prompt", "seed", "num_images", "width", "height", "steps", "guidance_scale",
                     "sampler", "lora")  # fmt: skip
+#: Metadata keys genpipe writes itself (a regeneration try's links to its first and previous try): a manifest
+#: column of that name would be read as such a link.
+RESERVED_METADATA = ("attempt_of", "regenerated_from")
 
 
 def _integral(v: Any, name: str) -> Any:
@@ -140,6 +143,8 @@ def parse_row(raw: dict[str, Any], allowed_overrides: tuple[str, ...] = OVERRIDE
             data[key] = value
         elif key == UNREADABLE:
             problems.extend(value)  # cells the reader could not convert (see pipeline.manifest.read_rows)
+        elif key in RESERVED_METADATA:
+            problems.append(f"{key}: a column name genpipe reserves for regeneration links; rename the column")
         else:
             # JSON has no NaN; a missing value in a pass-through column is recorded as null, also inside lists
             # and structs.

@@ -293,3 +293,16 @@ def test_scoring_defaults_run_offline_here():
     spec = JobSpec(**BASE)
     assert spec.scoring.enabled and spec.scoring.clip.architecture == "tiny"
     assert spec.scoring.nsfw.classifiers == ("open_nsfw",) and spec.policy.on_scorer_error == "review"
+
+
+def test_a_regeneration_try_links_to_its_own_first_try_whatever_the_row_metadata_says():
+    # A manifest column `attempt_of` landed in metadata and made tries of different rows share ids (a lost record).
+    from schemas.manifest import parse_row
+
+    assert parse_row({"prompt_id": "a", "prompt": "a mug", "attempt_of": "X"}) == [
+        "attempt_of: a column name genpipe reserves for regeneration links; rename the column"
+    ]
+    a, b = (Item(item_id=i * 32, job="j", prompt_id=i, sample_index=0, row_number=n, prompt="a mug", seed=1,
+                 metadata={"attempt_of": "X"}) for n, i in enumerate("ab"))  # fmt: skip
+    assert next_attempt(a).item_id != next_attempt(b).item_id
+    assert next_attempt(a).metadata["attempt_of"] == a.item_id

@@ -140,7 +140,7 @@ def attempt_item_id(root_item_id: str, attempt: int) -> str:
 def next_attempt(item: Item) -> Item:
     """The pending item for the next try: same prompt and parameters, new id and derived seed, linked to the
     flagged item (``metadata.regenerated_from``) and to the first try (``metadata.attempt_of``)."""
-    root = item.metadata.get("attempt_of", item.item_id)
+    root = item.metadata["attempt_of"] if item.attempt > 1 else item.item_id
     attempt = item.attempt + 1
     return replace(
         item,
