@@ -497,20 +497,21 @@ def _decision_counts(store: AuditStore, job: str) -> dict[str, int]:
 
 def reconcile_orphans(store: AuditStore, storage: Storage, job: str) -> int:
     """Move every image under the public, review and quarantine prefixes that no record points at into
-    ``quarantine/orphans/`` (nothing is deleted) and return how many. Orphans come from a crash between the
+    ``quarantine/orphans/`` (nothing is deleted) and return how many; delete the temporary objects of writes a
+    crash cut short, anywhere under the job root. Orphans come from a crash between the
     image write and the record write whose item then changed (a rerun with the same parameters rewrites the
     same key with the same bytes and records it), or whose decision did: a rerun that passes an item a crashed
     run had blocked writes it under images/, and leaves the unrecorded quarantine/ copy to be moved here."""
     expected = {image_key(it) for it in store.iter_items(job) if it.image_sha256}
     orphans = f"{QUARANTINE_PREFIX}/orphans/"
+    image_prefixes = tuple(f"{p}/" for p in (PUBLIC_PREFIX, REVIEW_PREFIX, QUARANTINE_PREFIX))
     moved = 0
-    for prefix in (PUBLIC_PREFIX, REVIEW_PREFIX, QUARANTINE_PREFIX):
-        for key in list(storage.walk(prefix)):
-            if posixpath.basename(key).startswith(TMP_PREFIX):
-                storage.delete(key)  # a write cut short by a crash: partial bytes, never an image
-            elif key not in expected and not key.startswith(orphans):
-                storage.move(key, f"{orphans}{key}")
-                moved += 1
+    for key in list(storage.walk()):  # the whole job root: results.parquet, summaries and reports are written
+        if posixpath.basename(key).startswith(TMP_PREFIX):  # through temporary objects too
+            storage.delete(key)  # a write cut short by a crash: partial bytes, never a finished object
+        elif key.startswith(image_prefixes) and key not in expected and not key.startswith(orphans):
+            storage.move(key, f"{orphans}{key}")
+            moved += 1
     return moved
 
 

@@ -99,6 +99,21 @@ def test_orphan_that_matches_no_item_is_quarantined_not_deleted(make_spec, tmp_p
     check_invariants(db, root.root, "test-job", 2)
 
 
+def test_temporary_objects_a_crash_left_at_the_job_root_are_swept_by_the_rerun(make_spec, tmp_path):
+    # A kill inside open_atomic("results.parquet") (or the summary, the chain head, a report) left its .tmp- object
+    # for good: only the image prefixes were swept.
+    db = f"sqlite:///{tmp_path}/audit.db"
+    run_job(load_spec(make_spec(ROWS[:2], database=db, sampler={"steps": 2})), quiet=True)
+    root = Storage(str(tmp_path / "out" / "test-job"))
+    left = [".tmp-55ce0c1e-results.parquet", "reports/bias/.tmp-0a1b-bias.json", "images/sku-000/.tmp-77-x.png"]
+    for key in left:
+        root.write_atomic(key, b"partial")
+    run_job(load_spec(make_spec(ROWS[:2], database=db, sampler={"steps": 2})), quiet=True)
+    assert [key for key in left if root.exists(key)] == []
+    assert root.exists("results.parquet") and root.exists("summary.json")
+    check_invariants(db, root.root, "test-job", 2)
+
+
 @pytest.mark.timeout(240)
 def test_killed_driver_then_rerun_completes_without_duplicates(make_spec, tmp_path):
     db = f"sqlite:///{tmp_path}/audit.db"
