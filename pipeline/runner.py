@@ -113,9 +113,19 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def check_spec(spec: JobSpec) -> tuple[str, str | None]:
-    """Fail fast, before anything launches: the model must exist as safetensors and the sampler fit it.
-    Returns (resolved model path or id, model family)."""
+def check_spec(spec: JobSpec, storage: bool = True) -> tuple[str, str | None]:
+    """Fail fast, before anything launches: the model must exist as safetensors and the sampler fit it, the
+    audit database must be named where it cannot default, and (``storage``: on the machine that runs the job)
+    the output's filesystem must be installed. Returns (resolved model path or id, model family)."""
+    try:
+        spec.database_url()
+    except ValueError as exc:
+        raise SpecError(f"{exc} (output {spec.output!r})") from None
+    if storage:
+        try:
+            Storage(job_root(spec))
+        except (ValueError, ImportError) as exc:  # an unknown protocol, or its fsspec backend is not installed
+            raise SpecError(f"output: {spec.output!r}: {exc}") from None
     try:
         resolved = check_model(spec.model)
     except ModelError as exc:

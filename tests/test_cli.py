@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from pipeline.cli import main
@@ -113,3 +115,31 @@ def test_in_memory_sqlite_is_refused_before_anything_runs(make_spec, tmp_path, c
     assert main(["run", make_spec([{"prompt_id": "a", "prompt": "a mug"}], database=url)]) == 2
     err = capsys.readouterr().err
     assert "database: an in-memory SQLite database is per connection" in err
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run"], ["run", "--dry-run"]])
+def test_an_output_without_a_database_or_a_filesystem_is_one_line(make_spec, tmp_path, capsys, command):
+    rows = [{"prompt_id": "p0", "prompt": "a red mug"}]
+    cases = [
+        ({"output": "gs://bucket/runs"}, "genpipe: error: database: required when output is not a local path"),
+        ({"output": "nosuchproto://x/runs", "database": f"sqlite:///{tmp_path}/a.db"},
+         "genpipe: error: output: 'nosuchproto://x/runs': Protocol not known: nosuchproto"),
+    ]  # fmt: skip
+    if importlib.util.find_spec("gcsfs") is None:
+        cases.append(({"output": "gs://bucket/runs", "database": f"sqlite:///{tmp_path}/a.db"},
+                      "genpipe: error: output: 'gs://bucket/runs': Please install gcsfs"))  # fmt: skip
+    for overrides, message in cases:
+        assert main([command[0], make_spec(rows, **overrides), *command[1:]]) == 2, overrides
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_audit_export_to_a_filesystem_that_is_not_installed_is_one_line(tmp_path, capsys):
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    db = f"sqlite:///{tmp_path}/audit.db"
+    assert main(["audit", "migrate", "--db", db]) == 0
+    capsys.readouterr()
+    assert main(["audit", "export", "--db", db, "--approved", "--out", "gs://b/x.parquet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genpipe: error: --out gs://b/x.parquet: cannot write: Please install gcsfs"), err

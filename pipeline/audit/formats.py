@@ -174,7 +174,7 @@ def open_output(url: str, binary: bool) -> Iterator[IO[Any]]:
                 text.flush()
             finally:
                 text.detach()  # the atomic writer closes (and publishes) the file, not the wrapper
-    except (OSError, ValueError, StorageError) as exc:
+    except (OSError, ValueError, ImportError, StorageError) as exc:  # ImportError: the fsspec backend is missing
         if isinstance(exc, UnicodeError):
             raise
         raise OutputError(f"--out {url}: cannot write: {exc}") from None

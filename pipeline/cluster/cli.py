@@ -73,7 +73,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     if not args.no_model_check:
-        check_spec(spec)
+        check_spec(spec, storage=False)  # the output's filesystem is the cluster's to have
     sub = build_submission(args.spec, spec, args.set, args.working_dir, args.env)
     if args.no_precheck:  # skipped here, so skipped in the job too (autoscaling clusters grow after submission)
         sub.runtime_env["env_vars"]["GENPIPE_NO_PRECHECK"] = "1"
