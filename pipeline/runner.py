@@ -381,6 +381,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         store.dispose()
         raise
     try:
+        close_dead_runs(store, spec.name)
         model_info = {"id": spec.model.id, "revision": spec.model.revision, "resolved": resolved}
         if (lp := local_path(resolved)) and os.path.isdir(lp):
             model_info["weights_sha256"] = model_fingerprint(lp)
@@ -503,6 +504,17 @@ def _regenerate_flagged(spec, stages, store, storage, planner, sink, progress) -
 
 def _decision_counts(store: AuditStore, job: str) -> dict[str, int]:
     return dict(Counter(it.decision or "unscored" for it in store.iter_items(job) if it.status == "generated"))
+
+
+def close_dead_runs(store: AuditStore, job: str) -> list[int]:
+    """Close as ``failed`` the runs of ``job`` still marked ``running``, each with a ``run_ended`` event. Called by
+    the lease holder: only it may run the job, so any other open run died (killed, crashed, its machine lost)
+    before it could close itself. Returns their ids."""
+    dead = [r["id"] for r in store.runs(job) if r["status"] == "running"]
+    for run_id in dead:
+        store.end_run(run_id, "failed", {}, {"status": "failed", "error": "the run stopped without closing (killed "
+                                             "or crashed); closed by the next run of the job"})  # fmt: skip
+    return dead
 
 
 def reconcile_orphans(store: AuditStore, storage: Storage, job: str) -> int:

@@ -11,8 +11,10 @@ import sys
 import time
 
 import pytest
+from sqlalchemy import text
 
 from pipeline.audit import AuditStore
+from pipeline.cli import main
 from pipeline.config import load_spec
 from pipeline.runner import run_job
 from pipeline.storage import Storage
@@ -135,6 +137,19 @@ def test_killed_driver_then_rerun_completes_without_duplicates(make_spec, tmp_pa
     rerun = run_job(load_spec(path), quiet=True)
     assert rerun.skipped_done == recorded and rerun.generated_now == 40 - recorded
     check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", 40)
+    # The killed run no longer shows as running for ever: the rerun closed it, with an event in the chain.
+    store = AuditStore(db)
+    try:
+        runs = store.runs("test-job")
+        with store.engine.connect() as conn:
+            sql = "SELECT run_id FROM events WHERE kind = 'run_ended' ORDER BY seq"
+            ended = [r for (r,) in conn.execute(text(sql))]
+    finally:
+        store.dispose()
+    assert [(r["id"], r["status"]) for r in runs] == [(1, "failed"), (2, "succeeded")]
+    assert "stopped without closing" in runs[0]["summary"]["error"] and runs[0]["ended_at"] is not None
+    assert ended == [1, 2]
+    assert main(["audit", "verify", "--db", db]) == 0
 
 
 def _safe_count(db: str) -> int:
