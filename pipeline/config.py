@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
@@ -20,7 +21,23 @@ from schemas.spec import JobSpec
 
 class SpecLoader(yaml.SafeLoader):
     """PyYAML's safe YAML 1.1, plus YAML 1.2's floats without a dot: 1.1 reads ``1e-4`` as the string "1e-4",
-    which the strict spec types would refuse, and learning rates are written that way."""
+    which the strict spec types would refuse, and learning rates are written that way. A key given twice in one
+    mapping is an error (YAML 1.2 says keys are unique; PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys it brings may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first at line {seen[key].line + 1})", key_node.start_mark,
+                )  # fmt: skip
+            if isinstance(key, Hashable):
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 SpecLoader.add_implicit_resolver(

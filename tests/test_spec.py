@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from pipeline.config import apply_overrides, load_spec, parse_override
+from pipeline.config import SpecLoader, apply_overrides, load_spec, parse_override
 from pipeline.errors import SpecError
 from schemas.limits import SAMPLER_NAMES
 from schemas.spec import JobSpec
@@ -126,6 +127,17 @@ def test_floats_without_a_dot_are_numbers_as_in_yaml_1_2(tmp_path):
     assert load_spec(str(path)).sampler.guidance_scale == 7.5
     assert load_spec(str(path), ["sampler.guidance_scale=5E+0"]).sampler.guidance_scale == 5.0
     assert parse_override("a=1e-4") == (["a"], 1e-4) and parse_override("a='1e-4'") == (["a"], "1e-4")
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
+    # PyYAML keeps the last of two equal keys silently: `steps: 20` then `steps: 30` ran with 30.
+    path = tmp_path / "s.yaml"
+    path.write_text("name: j\nmanifest: m.parquet\noutput: out\nsampler:\n  steps: 20\n  steps: 30\n")
+    with pytest.raises(SpecError, match=r"found the key 'steps' twice \(first at line 5\).*line 6"):
+        load_spec(str(path))
+    # A merge key's values may be overridden: that is what it is for.
+    merged = yaml.load("base: &b {steps: 20, seed: 1}\nsampler:\n  <<: *b\n  steps: 30\n", Loader=SpecLoader)  # noqa: S506
+    assert merged["sampler"] == {"steps": 30, "seed": 1}
 
 
 def test_parse_override_reads_yaml_scalars():
