@@ -137,6 +137,14 @@ def check_spec(spec: JobSpec, storage: bool = True) -> tuple[str, str | None]:
         raise SpecError(
             "database: an in-memory SQLite database is per connection; use a file, e.g. sqlite:///runs/genpipe.db"
         )
+    if spec.executor == "local" and spec.resources.gpus_per_actor > 0:
+        import torch
+
+        if not torch.cuda.is_available():  # the generator would quietly run on the CPU, hours instead of minutes
+            raise SpecError(
+                f"resources.gpus_per_actor: {spec.resources.gpus_per_actor:g} GPU(s) asked for, but torch sees no "
+                "CUDA device here; set it to 0 to run on the CPU"
+            )
     if spec.executor == "ray" and spec.output.startswith("memory://"):
         raise SpecError("output: memory:// lives in one process; use executor: local, a path or an object store")
     family = model_family(resolved) if spec.model.family == "auto" else spec.model.family

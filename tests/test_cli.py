@@ -143,3 +143,15 @@ def test_audit_export_to_a_filesystem_that_is_not_installed_is_one_line(tmp_path
     assert main(["audit", "export", "--db", db, "--approved", "--out", "gs://b/x.parquet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("genpipe: error: --out gs://b/x.parquet: cannot write: Please install gcsfs"), err
+
+
+def test_a_local_run_asking_for_a_gpu_where_there_is_none_is_refused(make_spec, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = make_spec([{"prompt_id": "p0", "prompt": "a red mug"}], resources={"gpus_per_actor": 1})
+    assert main(["validate", path]) == 2
+    assert capsys.readouterr().err.startswith(
+        "genpipe: error: resources.gpus_per_actor: 1 GPU(s) asked for, but torch sees no CUDA device here"
+    )
