@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,13 @@ from pipeline.errors import JobFailed, SpecError
 from pipeline.executors.shards import SHARD_SUFFIX, iter_batches, shard_batches, shard_rows, write_shard
 from pipeline.manifest import ManifestPlanner, read_rows
 from pipeline.metrics import record_items
-from pipeline.models.diffusers_loader import ModelError, check_model, model_fingerprint
+from pipeline.models.diffusers_loader import (
+    ModelError,
+    check_model,
+    is_local,
+    model_directory,
+    model_fingerprint,
+)
 from pipeline.progress import Progress
 from pipeline.report.bias import write_bias_report
 from pipeline.samplers import check_sampler, model_family
@@ -42,7 +49,7 @@ from pipeline.stages.base import Resources, Stage
 from pipeline.stages.generate import DiffusersGenerator
 from pipeline.stages.score import build_scoring_stages
 from pipeline.stages.write import PUBLIC_PREFIX, QUARANTINE_PREFIX, REVIEW_PREFIX, ImageWriter, image_key
-from pipeline.storage import TMP_PREFIX, Storage, local_path
+from pipeline.storage import TMP_PREFIX, Storage
 from schemas.record import SUPERSEDED, Item
 from schemas.spec import JobSpec
 
@@ -341,7 +348,7 @@ def plan_job(spec: JobSpec) -> PlanSummary:
     import resource
 
     started = time.monotonic()
-    _, family = check_spec(spec)
+    resolved, family = check_spec(spec)
     url = spec.database_url()
     # No database file yet, or a database without audit tables (a new PostgreSQL database, which a real run would
     # set up): nothing is done. Any other problem (unreachable server, an older schema) is an error, as in a real
@@ -352,6 +359,8 @@ def plan_job(spec: JobSpec) -> PlanSummary:
         with contextlib.suppress(EmptyAuditDatabase):
             store = AuditStore(url, migrate=False)
     try:
+        if store is not None:
+            check_model_unchanged(store, spec.name, describe_model(spec, resolved))  # as the run would
         planner = _Planner(spec, family, store, Storage(job_root(spec)), 0, dry_run=True)
         planner.run()
     finally:
@@ -390,9 +399,8 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         raise
     try:
         close_dead_runs(store, spec.name)
-        model_info = {"id": spec.model.id, "revision": spec.model.revision, "resolved": resolved}
-        if (lp := local_path(resolved)) and os.path.isdir(lp):
-            model_info["weights_sha256"] = model_fingerprint(lp)
+        model_info = describe_model(spec, resolved)
+        check_model_unchanged(store, spec.name, model_info)
         run_id = store.begin_run(spec.name, spec.model_dump(mode="json"), library_versions(), model_info)
     except BaseException:
         lease.release()
@@ -512,6 +520,51 @@ def _regenerate_flagged(spec, stages, store, storage, planner, sink, progress) -
 
 def _decision_counts(store: AuditStore, job: str) -> dict[str, int]:
     return dict(Counter(it.decision or "unscored" for it in store.iter_items(job) if it.status == "generated"))
+
+
+def describe_model(spec: JobSpec, resolved: str) -> dict[str, Any]:
+    """What a run records of its model: id, revision, dtype, and (for a local directory or a cached HF snapshot,
+    whose folder name is its commit) the sha256 of its weight and configuration files."""
+    info: dict[str, Any] = {"id": spec.model.id, "revision": spec.model.revision, "resolved": resolved,
+                            "dtype": spec.model.dtype}  # fmt: skip
+    directory = model_directory(spec.model)
+    if directory is not None and directory.is_dir():
+        info["weights_sha256"] = model_fingerprint(directory)
+        if not is_local(resolved):
+            info["commit"] = directory.name  # huggingface_hub's snapshots/<commit>
+    return info
+
+
+def check_model_unchanged(store: AuditStore, job: str, info: dict[str, Any]) -> None:
+    """Refuse to resume a job whose model changed under the same id and revision since its last run with them.
+
+    ``item_id`` holds the model's id and revision, not its bytes, so after weights or configs were replaced in
+    place (or the dtype changed) a rerun would skip every image as done and make the rest with the new model: one
+    job, two models, and an audit log that cannot tell which image came from which."""
+    prints = info.get("weights_sha256")
+    if not prints or not store.counts(job).get("generated"):
+        return
+    for run in reversed(store.runs(job)):
+        old = run["model_info"] or {}
+        if (old.get("id"), old.get("revision")) != (info["id"], info["revision"]) or not old.get("weights_sha256"):
+            continue
+        before: dict[str, str] = old["weights_sha256"]
+        changed = sorted(
+            k for k in set(before) | set(prints)
+            if (k in before and k in prints and before[k] != prints[k])
+            or (k.endswith(".safetensors") and (k in before) != (k in prints))  # files hashed since only by newer runs
+        )  # fmt: skip
+        if "dtype" in old and old["dtype"] != info["dtype"]:
+            changed.append(f"dtype {old['dtype']} → {info['dtype']}")
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise SpecError(
+                f"model.id: {info['id']!r} (revision {info['revision']!r}) is not the model run {run['id']} of job "
+                f"{job} used ({shown} changed), and the job's generated images were made with that one; a rerun "
+                "would skip them as done. Give model.revision a new label (for a local directory it only names the "
+                "version, and it is part of every item's identity) to generate the job again, or use a new job name"
+            )
+        return
 
 
 def close_dead_runs(store: AuditStore, job: str) -> list[int]:

@@ -63,7 +63,11 @@ class ModelSpec(_Strict):
         min_length=1,
         description="HF model id, local directory, or `tiny` for the offline tiny pipeline built into the cache.",
     )
-    revision: str | None = Field(None, description="Git revision / branch / tag of an HF model.")
+    revision: str | None = Field(
+        None,
+        description="Git revision / branch / tag of an HF model; for a local directory, a version label. Part of "
+        "every item's identity: a new value generates the job again.",
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Weights dtype; half precision only makes sense on a GPU."
     )

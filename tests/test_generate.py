@@ -209,14 +209,20 @@ def test_resolve_model(tiny_models, monkeypatch, tmp_path):
     assert resolve_model(ModelSpec(id="~/models/sd")) == str(tmp_path / "models" / "sd")
 
 
-def test_model_fingerprint_hashes_every_safetensors_file(tiny_models):
+def test_model_fingerprint_hashes_every_weight_and_config_file(tiny_models):
     sd = Path(tiny_models["sd"])
     prints = model_fingerprint(sd)
-    assert sorted(prints) == [
+    assert {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
         "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
-    ]
+    } <= set(prints)
+    assert all(k.endswith((".safetensors", ".json", ".txt", ".model")) for k in prints)
     assert (
         prints["unet/diffusion_pytorch_model.safetensors"]
         == hashlib.sha256((sd / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()

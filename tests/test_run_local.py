@@ -14,8 +14,11 @@ from pipeline.config import load_spec
 from pipeline.errors import ManifestError, SpecError
 from pipeline.runner import plan_job, run_job
 from pipeline.storage import Storage
+from tests import fixtures_models as fm
 from tests.conftest import write_manifest
 from tests.invariants import check_invariants
+
+tiny_models = fm.tiny_models  # the shared session fixture
 
 ROWS = [
     {"prompt_id": "mug", "prompt": "a red ceramic mug", "seed": 5, "num_images": 2, "campaign": "c1"},
@@ -312,3 +315,41 @@ def test_a_fixed_row_supersedes_its_rejected_records(make_spec, tmp_path):
     # Broken again: the position is rejected again, under the same ids, and counts as rejected once more.
     relapse = run_job(bad, quiet=True)
     assert relapse.rejected_now == 2 and relapse.counts == {"generated": 2, "rejected": 2}
+
+
+def test_a_model_changed_under_the_same_name_is_refused_until_its_revision_label_changes(
+    make_spec, tmp_path, tiny_models
+):
+    # item_id holds the model's id and revision, not its bytes: after the model was replaced in place a rerun
+    # skipped every image as done and made the rest with the new model.
+    import json
+    import shutil
+
+    model = tmp_path / "brand-model"
+    shutil.copytree(tiny_models["sd"], model)
+    rows = [{"prompt_id": f"p{i}", "prompt": f"a red mug {i}"} for i in range(2)]
+    db = f"sqlite:///{tmp_path}/audit.db"
+    path = make_spec(rows, database=db, model={"id": str(model)}, sampler={"steps": 2})
+    first = run_job(load_spec(path), quiet=True)
+    assert first.generated_now == 2
+    assert run_job(load_spec(path), quiet=True).skipped_done == 2  # unchanged: resumes
+
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "timestep_spacing": "trailing"}))
+    for attempt in (lambda: run_job(load_spec(path), quiet=True), lambda: plan_job(load_spec(path))):
+        with pytest.raises(SpecError, match=r"is not the model run 2 of job test-job used "
+                                            r"\(scheduler/scheduler_config.json changed\)"):  # fmt: skip
+            attempt()
+    with pytest.raises(SpecError, match=r"dtype float32 → bfloat16"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "timestep_spacing": "leading"}))
+        run_job(load_spec(path, ["model.dtype=bfloat16"]), quiet=True)
+
+    again = run_job(load_spec(path, ["model.revision=v2"]), quiet=True)  # a new version of the model: new items
+    assert again.generated_now == 2 and again.skipped_done == 0
+    store = AuditStore(db)
+    try:
+        info = store.runs("test-job")[-1]["model_info"]
+    finally:
+        store.dispose()
+    assert info["revision"] == "v2" and info["dtype"] == "float32"
+    assert info["weights_sha256"]["scheduler/scheduler_config.json"]

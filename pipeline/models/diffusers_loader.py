@@ -237,8 +237,21 @@ def _fetch_lora(path: str) -> str:
     return str(files[0]) if len(files) == 1 and files[0].is_file() else str(target)
 
 
+#: What a model directory's fingerprint covers: the weights and every file that configures them (component and
+#: scheduler configs, tokenizer vocabularies). Pickle duplicates of the weights are never loaded, so not hashed.
+_FINGERPRINTED = (".safetensors", ".json", ".txt", ".model")
+
+
+def model_directory(model: ModelSpec) -> Path | None:
+    """The directory ``from_pretrained`` reads: a local one, or an HF id's snapshot in the local cache (None when
+    the hub may be used and the id is not a local directory)."""
+    resolved = resolve_model(model)
+    return Path(resolved) if is_local(resolved) else _cached_snapshot(model)
+
+
 def model_fingerprint(path: str | Path, cache: Path | None = None) -> dict[str, str]:
-    """sha256 of every safetensors file under a model directory, by relative path (for the audit log).
+    """sha256 of the weights and configuration files under a model directory (``_FINGERPRINTED``), by relative
+    path, hidden folders left out (for the audit log, and to notice a model changed under the same name).
 
     Hashing SDXL's ~7 GB takes 8–24 s, on every run, before planning; so a digest is kept in ``cache`` (default
     ``{cache_root}/fingerprints.json``) under the file's absolute path and reused while the file's device, inode,
@@ -252,7 +265,8 @@ def model_fingerprint(path: str | Path, cache: Path | None = None) -> dict[str, 
         cache = cache_root() / "fingerprints.json"
     known = _read_fingerprints(cache) if use_cache else {}
     out, fresh = {}, {}
-    for f in sorted(root.rglob("*.safetensors")):
+    files = (f for f in root.rglob("*") if f.suffix in _FINGERPRINTED and f.is_file())
+    for f in sorted(f for f in files if not any(part.startswith(".") for part in f.relative_to(root).parts)):
         st = f.stat()
         stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         entry = known.get(str(f.resolve()))
