@@ -299,3 +299,18 @@ def test_no_campaign_is_its_own_group_apart_from_a_campaign_named_none():
     md = render_markdown(report)
     assert "| _no campaign_ | 3 |" in md and "| `(none)` | 1 |" in md
     assert json.loads(json.dumps(report))["groups"][2]["name"] is None
+
+
+def test_report_bias_to_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    db = f"sqlite:///{tmp_path}/audit.db"
+    store = AuditStore(db)
+    store.begin_run("job-b", {"output": str(tmp_path / "out")}, {}, {})
+    store.write_items(_records(), None)
+    store.dispose()
+    (tmp_path / "a-file").write_text("in the way")
+    assert main(["report", "bias", "--db", db, "--job", "job-b", "--out", str(tmp_path / "a-file" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"genpipe: error: bias report: cannot write to {tmp_path / 'a-file' / 'x'}: ")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

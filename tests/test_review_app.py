@@ -623,6 +623,14 @@ def test_cli_add_reviewer_and_serve_parse(env: Env, monkeypatch, capsys) -> None
     assert main(["review", "add-reviewer", "--db", env.data.url, "bob"]) == 2  # exists already
     args = build_parser().parse_args(["review", "serve", "--db", env.data.url, "--port", "9999"])
     assert (args.host, args.port, args.secure_cookies) == ("127.0.0.1", 9999, False)
+    # An empty password is refused, as by update-reviewer: it made an account that could not sign in.
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["review", "add-reviewer", "--db", env.data.url, "carol", "--password-stdin"]) == 2
+    assert "the password is empty" in capsys.readouterr().err and "carol" not in [
+        r["name"] for r in env.store.reviewers()
+    ]
+    with pytest.raises(SystemExit):  # a port past 65535 is an argument error, not a traceback from bind()
+        build_parser().parse_args(["review", "serve", "--db", env.data.url, "--port", "80000"])
 
 
 def test_api_item_json(env: Env) -> None:

@@ -30,7 +30,7 @@ from pipeline.audit.reviews import ACTIONS, ROLES
 
 TOKEN_ENV = "GENPIPE_REVIEW_TOKEN"
 #: Score keys with their own --min-KEY / --max-KEY flags (any other key: --min-score KEY=VALUE).
-SCORE_FLAGS = ("nsfw", "clipscore", "clip_cosine", "aesthetic")
+SCORE_FLAGS = ("nsfw", "clipscore", "clip_cosine")
 
 
 # --- argument types: a bad value is an argparse error naming the flag (exit 2) --------------------------
@@ -49,7 +49,7 @@ def _number(text: str) -> float:
 def _key_value(text: str) -> tuple[str, float]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. nsfw_categories.porn=0.3")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. nsfw_open_nsfw=0.3")
     try:
         return check_score_key(key.strip()), _number(value.strip())
     except ValueError as exc:
@@ -236,7 +236,11 @@ def _read_password(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_reviewer_add(args: argparse.Namespace) -> int:
+    from pipeline.audit.reviews import ReviewError
+
     password = _read_password(args)
+    if (args.password or args.password_stdin) and password is None:  # asked for one: never an account without
+        raise ReviewError("the password is empty")
     store = _open(args.db)
     try:
         token = store.add_reviewer(args.name, args.role, password)
@@ -346,7 +350,7 @@ def register(subparsers: Any) -> None:
         p.add_argument(f"--min-{flag}", dest=f"min_{key}", type=_number, metavar="X", help=f"scores.{key} >= X")
         p.add_argument(f"--max-{flag}", dest=f"max_{key}", type=_number, metavar="X", help=f"scores.{key} <= X")
     p.add_argument("--min-score", action="append", default=[], type=_key_value, metavar="KEY=X",
-                   help="any score key (nested: nsfw_categories.porn) >= X (repeatable)")  # fmt: skip
+                   help="any score key (e.g. nsfw_open_nsfw, bias_gender_female) >= X (repeatable)")  # fmt: skip
     p.add_argument("--max-score", action="append", default=[], type=_key_value, metavar="KEY=X",
                    help="any score key <= X (repeatable)")  # fmt: skip
     p.add_argument("--reviewer", action="append", default=[], help="items this reviewer reviewed (repeatable)")

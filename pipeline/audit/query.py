@@ -31,7 +31,7 @@ from schemas.record import SUPERSEDED, TERMINAL_STATUSES
 STATUSES = ("pending", *TERMINAL_STATUSES, SUPERSEDED)
 DECISIONS = (*EFFECTIVE_DECISIONS, "none")  # none: no decision (rejected rows, failures)
 #: Score keys the scorers write; any other key must match the pattern and be present in the database.
-KNOWN_SCORE_KEYS = ("clip_cosine", "clipscore", "nsfw", "aesthetic")
+KNOWN_SCORE_KEYS = ("clip_cosine", "clipscore", "nsfw")
 SCORE_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}(\.[a-z0-9_]{1,64})?")  # nested: nsfw_categories.porn
 SORT_FIELDS = (
     "item_id", "job", "prompt_id", "sample_index", "campaign", "status", "decision", "seed", "created_at",

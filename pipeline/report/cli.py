@@ -40,7 +40,7 @@ def _job_root(output: str, job: str) -> str:
 def _cmd_bias(args: argparse.Namespace) -> int:
     from pipeline.audit import AuditStore, AuditStoreError
     from pipeline.report.bias import REPORT_PREFIX, write_bias_report
-    from pipeline.storage import Storage
+    from pipeline.storage import Storage, StorageError
     from schemas.spec import BiasSpec
 
     try:
@@ -59,7 +59,11 @@ def _cmd_bias(args: argparse.Namespace) -> int:
             storage, prefix = Storage(_job_root(spec["output"], args.job)), REPORT_PREFIX
         else:
             raise GenpipeError(f"job {args.job!r}: the audit DB has no output location for it; pass --out")
-        urls = write_bias_report(store.iter_items(args.job), storage, args.job, config, prefix=prefix)
+        try:
+            urls = write_bias_report(store.iter_items(args.job), storage, args.job, config, prefix=prefix)
+        except (OSError, StorageError) as exc:
+            where = args.out or storage.url(prefix)
+            raise GenpipeError(f"bias report: cannot write to {where}: {type(exc).__name__}: {exc}") from None
     finally:
         store.dispose()
     for name, url in urls.items():

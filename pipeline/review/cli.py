@@ -34,6 +34,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
 def register(subparsers: Any) -> None:
     """Add ``review`` and its subcommands to the top-level ``genpipe`` parser."""
     review = subparsers.add_parser("review", help="the reviewers' web page and accounts")
@@ -42,7 +48,7 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("serve", help="serve the review page", description="serve the review page (FastAPI)")
     p.add_argument("--db", required=True, metavar="URL", help="audit DB (SQLAlchemy URL)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_positive, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     p.add_argument("--secure-cookies", action="store_true", help="mark the session cookie Secure (behind TLS)")
     p.add_argument("--session-ttl", type=_positive, default=8 * 3600, metavar="SECONDS",
                    help="a sign-in lasts this long (default 8 hours)")  # fmt: skip
