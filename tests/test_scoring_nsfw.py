@@ -197,3 +197,38 @@ def test_png_written_by_the_writer_decodes_to_the_scored_pixels(tmp_path):
     ImageWriter(str(tmp_path)).process([item])
     stored = Storage(str(tmp_path)).read(item.image_uri.removeprefix(str(tmp_path) + "/"))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), px)
+
+
+def test_a_clip_tag_that_is_not_cached_offline_is_refused_before_launch(tmp_path, monkeypatch):
+    # It passed validation; the run then generated every image and held each for review with a scorer error.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def problems(pretrained):
+        spec = JobSpec(name="j", manifest="m", output="o",
+                       scoring={"clip": {"architecture": "ViT-B-32", "pretrained": pretrained}})  # fmt: skip
+        with pytest.raises(SpecError) as info:
+            check_scoring(spec)
+        return info.value.problems
+
+    assert problems("openai") == [
+        "scoring.clip.pretrained: ViT-B-32/openai (timm/vit_base_patch32_clip_224.openai/open_clip_model.safetensors) "
+        "is not in the local HF cache, and HF_HUB_OFFLINE is set so it cannot be downloaded; download it beforehand "
+        "or give a local .safetensors checkpoint"
+    ]
+    assert problems("no-such-tag") == ["scoring.clip.pretrained: ViT-B-32 has no pretrained tag 'no-such-tag'"]
+    # In the cache as safetensors: accepted (what open_clip's own lookup would then load).
+    from huggingface_hub import try_to_load_from_cache
+
+    snapshot = tmp_path / "hf" / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"{}")
+    (tmp_path / "hf" / "models--timm--vit_base_patch32_clip_224.openai" / "refs").mkdir()
+    (tmp_path / "hf" / "models--timm--vit_base_patch32_clip_224.openai" / "refs" / "main").write_text("0" * 40)
+    assert isinstance(try_to_load_from_cache("timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors"),
+                      str)  # fmt: skip
+    check_scoring(JobSpec(name="j", manifest="m", output="o",
+                          scoring={"clip": {"architecture": "ViT-B-32", "pretrained": "openai"}}))  # fmt: skip

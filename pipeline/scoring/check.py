@@ -75,7 +75,31 @@ def _check_clip(spec: JobSpec) -> list[str]:
 
         if clip.architecture not in open_clip.list_models():
             problems.append(f"scoring.clip.architecture: unknown open_clip architecture {clip.architecture!r}")
+        elif clip.pretrained and not looks_like_path(clip.pretrained):
+            problems += _check_clip_tag(clip.architecture, clip.pretrained)
     return problems
+
+
+def _check_clip_tag(arch: str, tag: str) -> list[str]:
+    """A pretrained tag must resolve, without a download when the hub is off limits, to safetensors weights:
+    otherwise every image of the run would be generated, then held for review with a scorer error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from open_clip.pretrained import HF_WEIGHTS_NAME, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch, tag)
+    if not cfg:
+        return [f"scoring.clip.pretrained: {arch} has no pretrained tag {tag!r}"]
+    model_id, filename = os.path.split(cfg.get("hf_hub", ""))
+    if not model_id:  # only a download URL, of a pickle checkpoint
+        return [f"scoring.clip.pretrained: {arch}/{tag} is published only as a pickle checkpoint at a URL; weights "
+                "load as safetensors only: convert it and give the local .safetensors path"]  # fmt: skip
+    # open_clip looks for the safetensors twin of the file first (open_clip_model.safetensors)
+    safe = (filename or HF_WEIGHTS_NAME).replace("pytorch_model", "model").rsplit(".", 1)[0] + ".safetensors"
+    if constants.is_offline_mode() and not isinstance(try_to_load_from_cache(model_id, safe), str):
+        return [f"scoring.clip.pretrained: {arch}/{tag} ({model_id}/{safe}) is not in the local HF cache, and "
+                "HF_HUB_OFFLINE is set so it cannot be downloaded; download it beforehand or give a local "
+                ".safetensors checkpoint"]  # fmt: skip
+    return []
 
 
 def _clip_embed_dim(spec: JobSpec) -> tuple[int | None, str]:
