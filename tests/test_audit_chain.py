@@ -576,7 +576,7 @@ def test_reviewers_authenticate_by_password_or_token(db: Populated):
     new_token = store.update_reviewer("carol", disabled=True, rotate_token=True)
     assert store.authenticate_token(new_token) is None and store.authenticate("carol", "pw") is None
     with pytest.raises(ReviewError, match="does not exist or is disabled"):
-        store.record_review([db.generated[3]], "approve", "carol")
+        store.record_review([db.generated[3]], "approve", "carol", "false_positive")
     assert verify(store).ok  # the change of disabled is itself an event
     store.dispose()
 
@@ -589,16 +589,23 @@ def test_reviews_follow_the_rules_and_supersede_the_previous_decision(db: Popula
     assert decisions == {g[0]: "rejected", g[1]: "approved", g[2]: "review", g[3]: "review", rejected_row: None}
     with pytest.raises(ReviewError, match="needs a reason code"):
         store.record_review([g[3]], "reject", "bob")
+    # One vocabulary for the page, the API and the CLI: an approve needs a reason too, and only a listed one.
+    with pytest.raises(ReviewError, match="a review approve needs a reason code: one of false_positive, within_"):
+        store.record_review([g[3]], "approve", "bob")
+    with pytest.raises(ReviewError, match="'nsfw_false_positive' is not a reason to approve: one of false_positive"):
+        store.record_review([g[3]], "approve", "bob", "nsfw_false_positive")
+    with pytest.raises(ReviewError, match="reason 'other' needs text saying why"):
+        store.record_review([g[3]], "reject", "bob", "other")
     with pytest.raises(ReviewError, match="needs text"):
         store.record_review([g[3]], "comment", "bob")
     with pytest.raises(ReviewError, match="no item with id 'nope'"):
-        store.record_review([g[3], "nope"], "approve", "bob")
+        store.record_review([g[3], "nope"], "approve", "bob", "within_policy")
     with pytest.raises(ReviewError, match="not generated"):
-        store.record_review([rejected_row], "approve", "bob")
+        store.record_review([rejected_row], "approve", "bob", "within_policy")
 
     [esc] = store.record_review([g[3]], "escalate", "bob", "brand_risk", "logo looks off")
     with pytest.raises(ReviewError, match="only an admin may approve"):
-        store.record_review([g[3]], "approve", "bob", "fine")
+        store.record_review([g[3]], "approve", "bob", "within_policy")
     seqs = store.record_review([g[3], g[0]], "approve", "alice", "false_positive", "'; DROP TABLE items; --")
     assert seqs == [esc + 1, esc + 2]  # bulk, in the order given
     assert store.effective_decision(g[3]) == "approved" and store.effective_decision(g[0]) == "approved"
@@ -629,6 +636,11 @@ def test_review_cli_records_the_token_holder(db: Populated, capsys, monkeypatch)
     assert main(["audit", "history", "--db", db.url, db.generated[3]]) == 0
     events = json.loads(capsys.readouterr().out)
     assert events[-1]["kind"] == "review_reject" and events[-1]["reviewer"] == "dana"
+    # The 8 characters of an image's file name find the item too.
+    assert main(["audit", "history", "--db", db.url, db.generated[3][:8]]) == 0
+    assert json.loads(capsys.readouterr().out) == events
+    assert main(["audit", "history", "--db", db.url, "ffffffffff"]) == 2
+    assert "no events for item 'ffffffffff'" in capsys.readouterr().err
 
 
 # --- the PostgreSQL application role ----------------------------------------------------------------------------

@@ -377,7 +377,7 @@ def test_admins_have_the_last_word(env: Env) -> None:
     with pytest.raises(ReviewError, match="blocked by the policy"):  # not through a bulk action either
         store.record_review([hat, swim], "approve", "alice", "false_positive")
     assert reviews(store, hat) == []  # all or nothing
-    store.record_review([swim], "reject", "alice", "nsfw")  # stricter than the policy: fine
+    store.record_review([swim], "reject", "alice", "nsfw_confirmed")  # stricter than the policy: fine
     store.record_review([gift], "reject", "root", "legal_risk")  # the admin rules on the escalated item
     with pytest.raises(ReviewError, match="escalated or decided by an admin"):
         store.record_review([gift], "approve", "alice", "false_positive")

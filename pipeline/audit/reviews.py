@@ -234,13 +234,47 @@ def effective_decision_expr(review_kind: Any, pipeline_decision: Any) -> Any:
     return case(*whens, else_=pipeline_decision)
 
 
+#: The reason codes a reviewer may give, per action (code, what the review page shows): one vocabulary for the page,
+#: the HTTP API and ``genpipe audit review``. Approve, reject and escalate need one; "other" needs text saying what.
+REASONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "approve": (
+        ("false_positive", "flag was a false positive"),
+        ("within_policy", "within policy"),
+        ("acceptable_in_context", "acceptable in context"),
+        ("other", "other (say why)"),
+    ),
+    "reject": (
+        ("nsfw_confirmed", "NSFW confirmed"),
+        ("off_brand", "off brand"),
+        ("prompt_mismatch", "does not match the prompt"),
+        ("bias_concern", "bias or stereotyping"),
+        ("quality", "artifacts / low quality"),
+        ("legal_risk", "legal / trademark risk"),
+        ("other", "other (say why)"),
+    ),
+    "escalate": (
+        ("needs_admin", "needs an admin decision"),
+        ("legal_risk", "legal / trademark risk"),
+        ("brand_risk", "brand risk"),
+        ("unsure", "unsure"),
+    ),
+    "comment": (("note", "note"), ("question", "question")),
+}
+REASON_CODES = {action: tuple(code for code, _ in reasons) for action, reasons in REASONS.items()}
+
+
 def _check_review(action: str, reason_code: str | None, text: str | None) -> None:
     if action not in ACTIONS:
         raise ReviewError(f"review action {action!r}: must be one of {', '.join(ACTIONS)}")
     if reason_code is not None and not (isinstance(reason_code, str) and REASON_PATTERN.fullmatch(reason_code)):
-        raise ReviewError(f"reason code {reason_code!r}: 1-64 characters of a-z 0-9 _ . -, e.g. nsfw_false_positive")
-    if action in ("reject", "escalate") and not reason_code:
-        raise ReviewError(f"a review {action} needs a reason code")
+        raise ReviewError(f"reason code {reason_code!r}: 1-64 characters of a-z 0-9 _ . -, e.g. false_positive")
+    codes = ", ".join(REASON_CODES[action])
+    if reason_code is not None and reason_code not in REASON_CODES[action]:
+        raise ReviewError(f"reason {reason_code!r} is not a reason to {action}: one of {codes}")
+    if action != "comment" and not reason_code:
+        raise ReviewError(f"a review {action} needs a reason code: one of {codes}")
+    if reason_code == "other" and not (text and text.strip()):
+        raise ReviewError("reason 'other' needs text saying why")
     if action == "comment" and not (text and text.strip()):
         raise ReviewError("a review comment needs text")
     if text is not None and (len(text) > MAX_TEXT or "\x00" in text):

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from pipeline.audit.chain import json_default
-from pipeline.audit.reviews import ACTIONS, MAX_TEXT, ReviewError
+from pipeline.audit.reviews import ACTIONS, MAX_TEXT, REASON_CODES, REASONS, ReviewError
 from pipeline.audit.store import AuditStore
 from pipeline.review.auth import (
     CSRF_FIELD,
@@ -75,33 +75,6 @@ DEFAULT_SESSION_TTL = 8 * 3600
 BULK_MAX = 500
 HERE = Path(__file__).parent
 
-#: The reason codes a reviewer may give, per action (code, what the form shows). Approve, reject and
-#: escalate need one; "other" needs a comment saying what.
-REASONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "approve": (
-        ("false_positive", "flag was a false positive"),
-        ("within_policy", "within policy"),
-        ("acceptable_in_context", "acceptable in context"),
-        ("other", "other (say why)"),
-    ),
-    "reject": (
-        ("nsfw_confirmed", "NSFW confirmed"),
-        ("off_brand", "off brand"),
-        ("prompt_mismatch", "does not match the prompt"),
-        ("bias_concern", "bias or stereotyping"),
-        ("quality", "artifacts / low quality"),
-        ("legal_risk", "legal / trademark risk"),
-        ("other", "other (say why)"),
-    ),
-    "escalate": (
-        ("needs_admin", "needs an admin decision"),
-        ("legal_risk", "legal / trademark risk"),
-        ("brand_risk", "brand risk"),
-        ("unsure", "unsure"),
-    ),
-    "comment": (("note", "note"), ("question", "question")),
-}
-_REASON_CODES = {action: {code for code, _ in reasons} for action, reasons in REASONS.items()}
 
 CSP = (
     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'self'; "
@@ -321,8 +294,8 @@ def create_app(
         comment = _form_text(form, "comment").strip() or None
         if action not in ACTIONS:
             raise BadReview(f"action {action!r}: must be one of {', '.join(ACTIONS)}")
-        if reason is not None and reason not in _REASON_CODES[action]:
-            raise BadReview(f"reason {reason!r} is not a reason to {action}: one of {', '.join(_REASON_CODES[action])}")
+        if reason is not None and reason not in REASON_CODES[action]:
+            raise BadReview(f"reason {reason!r} is not a reason to {action}: one of {', '.join(REASON_CODES[action])}")
         if action != "comment" and reason is None:
             raise BadReview(f"choose a reason to {action}")
         if reason == "other" and comment is None:
