@@ -177,7 +177,7 @@ def child(mode: str, manifest: str, workdir: str, breakdown: bool) -> dict[str, 
         from pipeline.runner import PLAN_PREFIX, _Planner, check_spec, job_root
         from pipeline.storage import Storage
 
-        _, family = check_spec(spec)
+        _, traits = check_spec(spec)
         storage = Storage(job_root(spec))
         store = AuditStore(spec.database_url())
         run_id = store.begin_run(spec.name, spec.model_dump(mode="json"), {}, {})
@@ -185,7 +185,7 @@ def child(mode: str, manifest: str, workdir: str, breakdown: bool) -> dict[str, 
         samples = []
         t0 = time.perf_counter()
         with hooks.installed() if hooks else _null():
-            planner = _Planner(spec, family, store, storage, run_id)
+            planner = _Planner(spec, traits, store, storage, run_id)
             _sample_rss_during(planner, samples)
             planner.run()
         elapsed = time.perf_counter() - t0

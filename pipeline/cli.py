@@ -4,13 +4,15 @@ tracebacks are for bugs only."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Callable
 
 from pipeline.errors import GenpipeError
 
-DEMO_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "demo", "spec.yaml")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_SPEC = os.path.join(REPO_ROOT, "jobs", "demo", "spec.yaml")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -27,23 +29,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import load_spec
     from pipeline.manifest import ManifestPlanner, read_rows
     from pipeline.runner import check_spec
-    from pipeline.samplers import check_sampler
     from pipeline.scoring.screen import PromptScreen
+    from schemas.manifest import KNOWN_COLUMNS
 
     spec = load_spec(args.spec, args.set)
-    _, family = check_spec(spec)
+    _, traits = check_spec(spec)
     planner = ManifestPlanner(spec)
     screen = PromptScreen.from_spec(spec)
-    rows = bad = items = blocked = 0
+    rows = bad = items = blocked = held = 0
+    seen_columns: set[str] = set()
     for row_number, raw in read_rows(spec.manifest):
         outcome = planner.plan_row(row_number, raw)
         rows += 1
+        for column in sorted(set(raw) - set(KNOWN_COLUMNS) - seen_columns):  # a typo lands in metadata, unused
+            seen_columns.add(column)
+            if close := difflib.get_close_matches(column, KNOWN_COLUMNS, n=1, cutoff=0.75):
+                print(f"column {column!r}: not a manifest column genpipe reads (kept as metadata); did you mean "
+                      f"{close[0]!r}?")  # fmt: skip
         problems = list(outcome.problems)
-        if not problems and family is not None:
-            try:
-                check_sampler(outcome.items[0].sampler, family)
-            except ValueError as exc:
-                problems.append(f"sampler: {exc}")
+        if not problems:  # what this model allows (samples of a row share their settings)
+            first = outcome.items[0]
+            problems = traits.row_problems(first.sampler, first.width, first.height, first.negative_prompt)
         if problems:
             bad += 1
             for p in problems:
@@ -56,9 +62,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 rules = ", ".join(r.get("rule", r["code"]) for r in outcome.items[0].reasons)
                 print(f"row {row_number} (prompt_id {outcome.prompt_id!r}): blocked by the prompt screen ({rules})")
                 continue
+            if outcome.items[0].decision == "review":
+                held += len(outcome.items)
+                rules = ", ".join(r.get("rule", r["code"]) for r in outcome.items[0].reasons)
+                print(f"row {row_number} (prompt_id {outcome.prompt_id!r}): generated, then held for review by the "
+                      f"prompt screen ({rules})")  # fmt: skip
         items += len(outcome.items)
+    tail = f" ({held} of them held for review by the prompt screen)" if held else ""
     print(f"spec {args.spec}: valid; manifest {spec.manifest}: {rows} rows, {bad} rejected, {blocked} blocked, "
-          f"{items} images to generate")  # fmt: skip
+          f"{items} images to generate{tail}")  # fmt: skip
     return 0
 
 
@@ -67,6 +79,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.runner import run_job
 
     spec = load_spec(DEMO_SPEC, args.set)
+    if (
+        not os.path.isabs(spec.manifest)
+        and "://" not in spec.manifest
+        and not any(s.split("=", 1)[0].strip() == "manifest" for s in args.set)
+    ):  # the bundled manifest, from any directory (the output, ./runs/demo, stays where genpipe runs)
+        spec = spec.model_copy(update={"manifest": os.path.join(REPO_ROOT, spec.manifest)})
     summary = run_job(spec, quiet=args.quiet)
     print(summary.render())
     return 0

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from pipeline.models.diffusers_loader import (
 )
 from pipeline.progress import Progress
 from pipeline.report.bias import write_bias_report
-from pipeline.samplers import check_sampler, model_family
+from pipeline.samplers import ModelTraits, check_sampler, model_family, model_traits
 from pipeline.scoring.alignment import rank_job
 from pipeline.scoring.check import check_scoring
 from pipeline.scoring.policy import plan_regeneration, wants_regeneration
@@ -48,14 +49,22 @@ from pipeline.scoring.screen import PromptScreen
 from pipeline.stages.base import Resources, Stage
 from pipeline.stages.generate import DiffusersGenerator
 from pipeline.stages.score import build_scoring_stages
-from pipeline.stages.write import PUBLIC_PREFIX, QUARANTINE_PREFIX, REVIEW_PREFIX, ImageWriter, image_key
-from pipeline.storage import TMP_PREFIX, Storage
+from pipeline.stages.write import (
+    PUBLIC_PREFIX,
+    QUARANTINE_PREFIX,
+    REVIEW_PREFIX,
+    SUPERSEDED_PREFIX,
+    ImageWriter,
+    image_key,
+)
+from pipeline.storage import TMP_PREFIX, Storage, StorageError, local_path
 from schemas.record import SUPERSEDED, Item
 from schemas.spec import JobSpec
 
 PLAN_PREFIX = "_plan"
 PLAN_SHARD_ITEMS = 1024
 RESUME_CHUNK = 500
+WRITE_CHECK_KEY = ".genpipe-write-check"
 RESULTS_KEY = "results.parquet"
 
 
@@ -91,7 +100,11 @@ class RunSummary:
             f"  manifest rows: {self.rows} ({self.rows_rejected} rejected)",
             f"  items: {self.items_total} — generated {c.get('generated', 0)}, rejected {c.get('rejected', 0)}, "
             f"blocked {c.get('blocked', 0)}, failed {c.get('failed', 0)}"
-            + (f" (and {c[SUPERSEDED]} superseded rejected records of fixed rows)" if c.get(SUPERSEDED) else ""),
+            + (
+                f" (and {c[SUPERSEDED]} superseded records: rows fixed or planned with other settings)"
+                if c.get(SUPERSEDED)
+                else ""
+            ),
             f"  this run: generated {self.generated_now}, failed {self.failed_now}, "
             f"skipped {self.skipped_done} already done (resumed)",
             "  decisions: " + (", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items())) or "none"),
@@ -120,10 +133,10 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def check_spec(spec: JobSpec, storage: bool = True) -> tuple[str, str | None]:
+def check_spec(spec: JobSpec, storage: bool = True) -> tuple[str, ModelTraits]:
     """Fail fast, before anything launches: the model must exist as safetensors and the sampler fit it, the
     audit database must be named where it cannot default, and (``storage``: on the machine that runs the job)
-    the output's filesystem must be installed. Returns (resolved model path or id, model family)."""
+    the output's filesystem must be installed. Returns (resolved model path or id, what the model allows a row)."""
     try:
         spec.database_url()
     except ValueError as exc:
@@ -133,10 +146,19 @@ def check_spec(spec: JobSpec, storage: bool = True) -> tuple[str, str | None]:
             Storage(job_root(spec))
         except (ValueError, ImportError) as exc:  # an unknown protocol, or its fsspec backend is not installed
             raise SpecError(f"output: {spec.output!r}: {exc}") from None
+        if (root := local_path(job_root(spec))) is not None:  # what can be seen without writing anything
+            found = Path(root)
+            while not found.exists() and found != found.parent:
+                found = found.parent
+            if not found.is_dir():
+                raise SpecError(f"output: {spec.output!r} cannot be written: {str(found)!r} is a file")
+            if not os.access(found, os.W_OK | os.X_OK):
+                raise SpecError(f"output: {spec.output!r} cannot be written: no permission in {str(found)!r}")
     try:
         resolved = check_model(spec.model)
     except ModelError as exc:
-        raise SpecError(f"model.id: {exc}") from None
+        key = "model.lora" if str(exc).startswith("LoRA adapter") else "model.id"
+        raise SpecError(f"{key}: {exc}") from None
     check_scoring(spec)
     if spec.database and sqlite_in_memory(spec.database):
         # SQLAlchemy gives each thread its own in-memory database; the planner, the sink and the lease heartbeat
@@ -160,7 +182,10 @@ def check_spec(spec: JobSpec, storage: bool = True) -> tuple[str, str | None]:
             check_sampler(spec.sampler.name, family)
         except ValueError as exc:
             raise SpecError(f"sampler.name: {exc}") from None
-    return resolved, family
+    traits = model_traits(resolved, family)
+    if problems := traits.row_problems(spec.sampler.name, spec.image.width, spec.image.height, None):
+        raise SpecError(f"image.{problems[0]}")
+    return resolved, traits
 
 
 def job_root(spec: JobSpec) -> str:
@@ -176,14 +201,14 @@ class _Planner:
     def __init__(
         self,
         spec: JobSpec,
-        family: str | None,
+        traits: ModelTraits,
         store: AuditStore | None,
         storage: Storage,
         run_id: int,
         progress: Progress | None = None,
         dry_run: bool = False,
     ) -> None:
-        self.spec, self.family, self.store, self.storage, self.run_id = spec, family, store, storage, run_id
+        self.spec, self.traits, self.store, self.storage, self.run_id = spec, traits, store, storage, run_id
         self.dry_run = dry_run
         self.progress = progress
         self.on_shard: Callable[[str], None] | None = None  # told each key as it is written (streamed execution)
@@ -196,6 +221,8 @@ class _Planner:
         # Manifest positions with `rejected` records from earlier runs: one this run plans again gets them marked
         # `superseded` (a rejected row's id is its position, so a fixed row's new items never replace them).
         self._stale_rows = store.rejected_rows(spec.name) if store is not None else np.empty(0, np.int64)
+        # Whether earlier runs left outputs: only then can a prompt planned with other settings replace some.
+        self._had_outputs = store is not None and store.has_outputs(spec.name)
 
     def run(self) -> None:
         planner = ManifestPlanner(self.spec)
@@ -204,15 +231,15 @@ class _Planner:
                 raise _PlanningStopped
             outcome = planner.plan_row(row_number, raw)
             self.summary_counts["rows"] += 1
-            if outcome.problems:
-                self.summary_counts["rows_rejected"] += 1
+            rejected = bool(outcome.problems)
             for item in outcome.items:
-                if item.status == "pending" and self.family is not None:
-                    try:
-                        check_sampler(item.sampler, self.family)
-                    except ValueError as exc:
-                        item.reject("invalid_row", f"sampler: {exc}", field="sampler")
+                if item.status == "pending":
+                    for problem in self.traits.row_problems(item.sampler, item.width, item.height,
+                                                            item.negative_prompt):  # fmt: skip
+                        item.reject("invalid_row", problem, field=problem.split(":", 1)[0])
+                        rejected = True  # what the model cannot honour rejects the row too
                 self._chunk.append(item)
+            self.summary_counts["rows_rejected"] += rejected
             if self.screen is not None:
                 self.screen.screen(outcome.items)  # a blocked prompt is never generated
             if len(self._chunk) >= RESUME_CHUNK:
@@ -229,6 +256,8 @@ class _Planner:
         self.summary_counts["items"] += len(chunk)
         existing = self.store.get_items([it.item_id for it in chunk]) if self.store is not None else {}
         new_rejected = self._superseded(chunk) if manifest_rows and len(self._stale_rows) else []
+        replaced = self._replaced(chunk) if manifest_rows and self._had_outputs else []
+        rerouted: list[tuple[Item, str]] = []
         for item in chunk:
             old = existing.get(item.item_id)
             if item.status in ("rejected", "blocked"):  # terminal before generation: recorded, never planned
@@ -240,12 +269,15 @@ class _Planner:
                 continue
             if old is not None and old.status == "generated" and self._image_intact(old):
                 self.summary_counts["skipped_done"] += 1
+                if (held := self._held_by_the_screen_now(old, item)) is not None:
+                    rerouted.append(held)
                 continue
             self._pending.append(item)
+            self.summary_counts["held_now"] += item.decision == "review"  # the prompt screen holds it for review
             if len(self._pending) >= PLAN_SHARD_ITEMS:
                 self._flush_shard()
-        if new_rejected and not self.dry_run:
-            self.store.write_items(new_rejected, self.run_id)
+        if (new_rejected or replaced or rerouted) and not self.dry_run:
+            self._record_replaced(replaced + rerouted, new_rejected)
 
     def _superseded(self, chunk: list[Item]) -> list[Item]:
         """The earlier `rejected` records at the manifest positions of ``chunk`` that its items do not rewrite,
@@ -265,6 +297,64 @@ class _Planner:
         ]
         self.summary_counts["superseded_now"] += len(out)
         return out
+
+    def _replaced(self, chunk: list[Item]) -> list[tuple[Item, str | None]]:
+        """The earlier ``generated``, ``blocked`` and ``failed`` records (regeneration tries included) of each
+        (prompt_id, sample) of ``chunk`` that is now planned under another id — its settings changed — marked
+        `superseded`, each with the key its image had (I1: one current record per manifest row × sample)."""
+        now = {(it.prompt_id, it.sample_index): it.item_id for it in chunk if it.status != "rejected"}
+        if not now:
+            return []
+        planned = {it.item_id for it in chunk}
+        out = []
+        for old in self.store.outputs_of_prompts(self.spec.name, sorted({p for p, _ in now})):
+            new_id = now.get((old.prompt_id, old.sample_index))
+            root = old.metadata.get("attempt_of", old.item_id) if old.attempt > 1 else old.item_id
+            if new_id is None or old.item_id in planned or root in planned:
+                continue
+            key = image_key(old) if old.image_sha256 else None
+            message = (f"prompt_id {old.prompt_id!r} sample {old.sample_index} was planned again with other "
+                       f"settings, as item {new_id}")  # fmt: skip
+            out.append((old.supersede(message), key))
+        self.summary_counts["superseded_now"] += len(out)
+        return out
+
+    def _held_by_the_screen_now(self, old: Item, planned: Item) -> tuple[Item, str] | None:
+        """A done item whose prompt the screen now holds for review (a rule added since it was made): ``old`` with
+        the screen's new findings and, if it was published, decision ``review`` — with the key its image had.
+        Only findings of rules and classifier scores count: a screen that errors now says nothing about it.
+        (A rule that blocks is handled by planning: the item is recorded ``blocked``, its image quarantined.)"""
+
+        def key(r: dict) -> tuple:
+            return r.get("code"), r.get("rule") or r.get("classifier")
+
+        seen = {key(r) for r in old.reasons}
+        new = [r for r in planned.reasons if r.get("stage") == "screen" and r.get("code") != "screen_error"
+               and key(r) not in seen]  # fmt: skip
+        if not new:
+            return None
+        self.summary_counts["rerouted_now"] += 1
+        old_key = image_key(old)
+        old.reasons.extend(new)
+        if old.decision in (None, "pass"):
+            old.decision = "review"
+        return old, old_key
+
+    def _record_replaced(self, replaced: list[tuple[Item, str | None]], rejected: list[Item]) -> None:
+        """Move the images of superseded records under ``superseded/`` (and those the screen now holds under
+        ``review/``) and record the lot. A crash between a move and the write leaves the record at its old key and
+        the image at the new one: the rerun finds it there."""
+        for item, old_key in replaced:
+            if old_key is None:
+                continue
+            new_key = image_key(item)
+            if self.storage.exists(old_key):
+                self.storage.move(old_key, new_key)
+            if self.storage.exists(new_key):
+                item.image_uri = self.storage.url(new_key)
+            else:  # removed by hand: the record keeps no image it cannot point at
+                item.image_uri = item.image_sha256 = None
+        self.store.write_items([it for it, _ in replaced] + rejected, self.run_id)
 
     def plan_items(self, items: list[Item]) -> list[str]:
         """Plan extra items (regeneration tries) through the same resume check; returns the new shard keys."""
@@ -322,6 +412,7 @@ class PlanSummary:
     superseded: int = 0
     skipped_done: int = 0
     pending: int = 0
+    held: int = 0  # of ``pending``: held for review by the prompt screen
     resumed_from: str = ""
     elapsed_s: float = 0.0
     rows_per_s: float = 0.0
@@ -333,7 +424,8 @@ class PlanSummary:
             f"  manifest rows: {self.rows} ({self.rows_rejected} rejected)",
             f"  items: {self.items} — to generate {self.pending}, already done {self.skipped_done}, "
             f"newly rejected {self.rejected}, newly blocked {self.blocked}",
-            *([f"  superseded: {self.superseded} earlier rejected records (their rows were planned again)"]
+            *([f"  held for review by the prompt screen: {self.held} of those to generate"] if self.held else []),
+            *([f"  superseded: {self.superseded} earlier records (rows fixed, or planned with other settings)"]
               if self.superseded else []),
             f"  audit database: {self.resumed_from or 'none yet (nothing done)'}",
             f"  planned in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s), "
@@ -348,7 +440,7 @@ def plan_job(spec: JobSpec) -> PlanSummary:
     import resource
 
     started = time.monotonic()
-    resolved, family = check_spec(spec)
+    resolved, traits = check_spec(spec)
     url = spec.database_url()
     # No database file yet, or a database without audit tables (a new PostgreSQL database, which a real run would
     # set up): nothing is done. Any other problem (unreachable server, an older schema) is an error, as in a real
@@ -361,7 +453,7 @@ def plan_job(spec: JobSpec) -> PlanSummary:
     try:
         if store is not None:
             check_model_unchanged(store, spec.name, describe_model(spec, resolved))  # as the run would
-        planner = _Planner(spec, family, store, Storage(job_root(spec)), 0, dry_run=True)
+        planner = _Planner(spec, traits, store, Storage(job_root(spec)), 0, dry_run=True)
         planner.run()
     finally:
         if store is not None:
@@ -378,6 +470,7 @@ def plan_job(spec: JobSpec) -> PlanSummary:
         superseded=pc["superseded_now"],
         skipped_done=pc["skipped_done"],
         pending=pc["pending"],
+        held=pc["held_now"],
         resumed_from=store.safe_url if store is not None else "",
         elapsed_s=round(elapsed, 3),
         rows_per_s=round(pc["rows"] / elapsed, 1) if elapsed > 0 else 0.0,
@@ -389,8 +482,13 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
     """Run (or resume) a job to completion. Raises ``SpecError`` / ``ManifestError`` before launching
     anything when the input is bad, and ``JobFailed`` when failures pass the error budget."""
     started = time.monotonic()
-    resolved, family = check_spec(spec)
+    resolved, traits = check_spec(spec)
     storage = Storage(job_root(spec))
+    try:  # a read-only or special filesystem (root passes every permission check): found now, not mid-run
+        storage.write_atomic(WRITE_CHECK_KEY, b"")
+        storage.delete(WRITE_CHECK_KEY)
+    except (OSError, StorageError) as exc:
+        raise SpecError(f"output: {spec.output!r} cannot be written: {type(exc).__name__}: {exc}") from None
     store = AuditStore(spec.database_url())
     try:
         lease = JobLease(store, spec.name).acquire()
@@ -406,7 +504,8 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         lease.release()
         store.dispose()
         raise
-    summary = RunSummary(job=spec.name, run_id=run_id, status="running", database=_masked(store))
+    summary = RunSummary(job=spec.name, run_id=run_id, status="running", database=_masked(store),
+                         images=storage.url("images"), results=storage.url(RESULTS_KEY))  # fmt: skip
     planner: _Planner | None = None
     outcome: Counter[str] = Counter()
     raising = False
@@ -424,7 +523,7 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
 
         gen_start = time.monotonic()
         stages = build_stages(spec)
-        planner = _Planner(spec, family, store, storage, run_id, progress)
+        planner = _Planner(spec, traits, store, storage, run_id, progress)
         with _PlanningThread(planner) as planning:  # plan while execution starts
             _execute(spec, stages, storage, planning, sink)
         _plan_counts(summary, planner)
@@ -446,8 +545,6 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
             summary.bias_report = files.get("bias.md", "")
         summary.counts = store.counts(spec.name)
         summary.items_total = sum(n for status, n in summary.counts.items() if status != SUPERSEDED)
-        summary.images = storage.url("images")
-        summary.results = storage.url(RESULTS_KEY)
         # The error budget is the job's, not this run's: failed items over every item that was to be generated.
         failed, attempted = (
             summary.counts.get("failed", 0),
@@ -463,6 +560,8 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
         summary.generated_now, summary.failed_now = outcome["generated"], outcome["failed"]
         with contextlib.suppress(Exception):  # what the records say now; never mask the run's own error
             summary.counts = store.counts(spec.name)
+            summary.items_total = sum(n for status, n in summary.counts.items() if status != SUPERSEDED)
+            summary.decisions = _decision_counts(store, spec.name)
         raise
     finally:
         summary.elapsed_s = time.monotonic() - started
@@ -587,7 +686,7 @@ def reconcile_orphans(store: AuditStore, storage: Storage, job: str) -> int:
     run had blocked writes it under images/, and leaves the unrecorded quarantine/ copy to be moved here."""
     expected = {image_key(it) for it in store.iter_items(job) if it.image_sha256}
     orphans = f"{QUARANTINE_PREFIX}/orphans/"
-    image_prefixes = tuple(f"{p}/" for p in (PUBLIC_PREFIX, REVIEW_PREFIX, QUARANTINE_PREFIX))
+    image_prefixes = tuple(f"{p}/" for p in (PUBLIC_PREFIX, REVIEW_PREFIX, QUARANTINE_PREFIX, SUPERSEDED_PREFIX))
     moved = 0
     for key in list(storage.walk()):  # the whole job root: results.parquet, summaries and reports are written
         if posixpath.basename(key).startswith(TMP_PREFIX):  # through temporary objects too

@@ -107,6 +107,78 @@ def make_scheduler(name: str, base_config: Any):
     return cls.from_config(base_config, **{**_algorithm_defaults(cls), **sampler.extra})
 
 
+#: Pipelines that pack 2×2 latent patches, so pixel sizes must be multiples of twice the VAE's scale factor.
+_PACKED_LATENTS = ("Flux", "StableDiffusion3")
+#: Pipelines that take a negative prompt but use it only with "true CFG" (``true_cfg_scale > 1``), which genpipe
+#: does not run: the negative prompt would be ignored.
+_NEGATIVE_NEEDS_TRUE_CFG = ("Flux",)
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What a model allows a manifest row, read from its ``model_index.json`` and VAE config."""
+
+    family: Family | None = None
+    pipeline: str = ""
+    """The pipeline class name; empty when unknown."""
+    size_multiple: int = 8
+    """Width and height must be multiples of this (the pipeline would round them down, silently)."""
+
+    def row_problems(self, sampler: str, width: int, height: int, negative_prompt: str | None) -> list[str]:
+        """A planned item's problems with this model, as ``field: reason`` lines."""
+        problems = []
+        if self.family is not None:
+            try:
+                check_sampler(sampler, self.family)
+            except ValueError as exc:
+                problems.append(f"sampler: {exc}")
+        for name, value in (("width", width), ("height", height)):
+            m = self.size_multiple
+            if value % m:
+                made = value // m * m
+                problems.append(f"{name}: {value} is not a multiple of {m}, which {self.pipeline or 'the model'} "
+                                f"needs (it would make {made} pixels)")  # fmt: skip
+        if negative_prompt and self.pipeline.startswith(_NEGATIVE_NEEDS_TRUE_CFG):
+            problems.append(f"negative_prompt: {self.pipeline} ignores it (it needs true CFG, which genpipe does not "
+                            "run); leave it empty")  # fmt: skip
+        return problems
+
+
+def model_traits(model_path_or_id: str | Path, family: Family | None) -> ModelTraits:
+    """The traits of a local model directory or a cached HF id (never downloads); ``family`` as resolved."""
+    index = _model_index(model_path_or_id) or {}
+    pipeline = str(index.get("_class_name", ""))
+    multiple = 8
+    vae = _component_config(model_path_or_id, "vae")
+    channels = vae.get("block_out_channels") if vae else None
+    if isinstance(channels, list) and channels:
+        multiple = 2 ** (len(channels) - 1)
+        if pipeline.startswith(_PACKED_LATENTS):
+            multiple *= 2
+    return ModelTraits(family=family, pipeline=pipeline, size_multiple=multiple)
+
+
+def _component_config(model_path_or_id: str | Path, component: str) -> dict[str, Any] | None:
+    path = Path(model_path_or_id).expanduser()
+    if path.is_dir():
+        config = path / component / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_path_or_id), f"{component}/config.json")
+        except Exception:
+            return None
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def model_family(model_path_or_id: str | Path) -> Family | None:
     """``unet`` or ``flow`` from the pipeline class in the model's ``model_index.json``; None when unknown.
 

@@ -71,7 +71,7 @@ class Item:
             self.guidance_scale,
             self.width,
             self.height,
-            bool(self.negative_prompt),  # no negative prompt is None in the call, not "" (see DiffusersGenerator)
+            bool(self.negative_prompt),  # last: SDXL treats no negative prompt unlike "" (see DiffusersGenerator)
         )
 
     def reject(self, code: str, message: str, **detail: Any) -> Item:

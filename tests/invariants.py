@@ -27,9 +27,10 @@ def check_invariants(db_url: str, job_root: str, job: str, expected_items: int) 
         store.dispose()
     ids = [it.item_id for it in items]
     assert len(ids) == len(set(ids)), "duplicate records"  # I4
-    # A fixed row's earlier `rejected` records are history, not items of the job: superseded, with no image.
+    # A fixed row's earlier `rejected` records, and a row's records from before its settings changed, are history,
+    # not items of the job: superseded, their images (if any) under superseded/.
     current = [it for it in items if it.status != SUPERSEDED]
-    assert all(it.reasons[-1]["code"] == "superseded" and not it.image_sha256 for it in items if it not in current)
+    assert all(it.reasons[-1]["code"] == "superseded" for it in items if it not in current)
     firsts = [it for it in current if it.attempt == 1]  # regenerate-on-flag adds one record per extra try
     assert len(firsts) == expected_items, (len(firsts), expected_items)  # I1
     assert all(it.status in TERMINAL_STATUSES for it in current), Counter(it.status for it in items)
@@ -37,10 +38,10 @@ def check_invariants(db_url: str, job_root: str, job: str, expected_items: int) 
     objects = list(storage.walk())
     assert not [o for o in objects if o.rsplit("/", 1)[-1].startswith(TMP_PREFIX)], objects  # I3
     assert not [o for o in objects if o.startswith("_plan")], objects
-    prefixes = ("images/", "review/", "quarantine/")
+    prefixes = ("images/", "review/", "quarantine/", "superseded/")
     images = sorted(o for o in objects if o.startswith(prefixes) and not o.startswith("quarantine/orphans/"))
     stored = [it for it in items if it.image_sha256]
-    assert all(it.status in ("generated", "blocked") for it in stored)
+    assert all(it.status in ("generated", "blocked", SUPERSEDED) for it in stored)
     assert sorted(image_key(it) for it in stored) == images  # I2: one record per image, one image per record
     public = [it for it in stored if image_key(it).startswith("images/")]
     assert all(it.decision in (None, "pass") for it in public)  # nothing flagged under the public prefix

@@ -33,6 +33,24 @@ def test_validate_shows_prompts_the_screen_blocks(make_spec, capsys):
     assert "2 rows, 0 rejected, 1 blocked, 1 images to generate" in out
 
 
+def test_validate_and_dry_run_show_prompts_the_screen_will_hold_and_columns_that_look_misspelled(
+    make_spec, tmp_path, capsys
+):
+    rules = tmp_path / "brand.yaml"
+    rules.write_text("version: b-1\ncategories:\n  competitors: {action: review, terms: [acme*]}\n")
+    rows = [{"prompt_id": "ok", "prompt": "a mug", "negative_promt": "blurry", "sede": 3},
+            {"prompt_id": "rival", "prompt": "an acme mug"}]  # fmt: skip
+    path = make_spec(rows, scoring={"enabled": False, "screen": {"blocklist": str(rules)}})
+    assert main(["validate", path]) == 0
+    out = capsys.readouterr().out
+    assert "row 2 (prompt_id 'rival'): generated, then held for review by the prompt screen (competitors:acme*)" in out
+    assert "2 rows, 0 rejected, 0 blocked, 2 images to generate (1 of them held for review by the prompt screen)" in out
+    assert "column 'negative_promt': not a manifest column genpipe reads (kept as metadata); did you mean " \
+           "'negative_prompt'?" in out and "column 'sede'" in out  # fmt: skip
+    assert main(["run", path, "--dry-run"]) == 0
+    assert "held for review by the prompt screen: 1 of those to generate" in capsys.readouterr().out
+
+
 def test_invalid_spec_exits_non_zero_naming_the_key(make_spec, capsys):
     assert main(["validate", make_spec([{"prompt_id": "a", "prompt": "b"}], sampler={"stepz": 3})]) == 2
     err = capsys.readouterr().err
@@ -155,3 +173,14 @@ def test_a_local_run_asking_for_a_gpu_where_there_is_none_is_refused(make_spec, 
     assert capsys.readouterr().err.startswith(
         "genpipe: error: resources.gpus_per_actor: 1 GPU(s) asked for, but torch sees no CUDA device here"
     )
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run"], ["run", "--dry-run"]])
+def test_an_output_that_cannot_be_written_is_one_line(make_spec, tmp_path, capsys, command):
+    (tmp_path / "a-file").write_text("in the way")
+    rows = [{"prompt_id": "p0", "prompt": "a red mug"}]
+    path = make_spec(rows, output=str(tmp_path / "a-file" / "runs"), database=f"sqlite:///{tmp_path}/a.db")
+    assert main([command[0], path, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err == f"genpipe: error: output: {str(tmp_path / 'a-file' / 'runs')!r} cannot be written: " \
+                  f"{str(tmp_path / 'a-file')!r} is a file\n"  # fmt: skip

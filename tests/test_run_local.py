@@ -105,6 +105,10 @@ def test_bad_input_fails_before_launch(make_spec, tmp_path):
         run_job(load_spec(make_spec(ROWS, model={"id": str(tmp_path / "no-model")}, database=_db(tmp_path))))
     with pytest.raises(SpecError, match="sampler.name: .*flow_match_euler"):
         run_job(load_spec(make_spec(ROWS, sampler={"name": "flow_match_euler"}, database=_db(tmp_path))))
+    with pytest.raises(SpecError, match="^model.lora: LoRA adapter .* does not exist"):  # named as the key it is
+        run_job(
+            load_spec(make_spec(ROWS, model={"lora": [{"path": str(tmp_path / "no-lora")}]}, database=_db(tmp_path)))
+        )
 
 
 def test_scored_run_routes_by_decision_and_records_every_score(make_spec, tmp_path):
@@ -212,6 +216,10 @@ def test_an_execution_error_stops_the_planner_at_the_next_row(make_spec, tmp_pat
     try:
         (run,) = store.runs("test-job")
         assert run["status"] == "failed" and 4 <= run["summary"]["rows"] < 3000  # stopped, not planned to the end
+        # The failed run's summary agrees with its records (it said "items: 0" next to their counts).
+        counts = store.counts("test-job")
+        assert run["summary"]["items_total"] == sum(counts.values()) > 0 and run["summary"]["counts"] == counts
+        assert run["summary"]["images"].endswith("/test-job/images")
     finally:
         store.dispose()
 
@@ -238,7 +246,8 @@ def test_a_database_error_at_the_runs_end_still_releases_the_lease(make_spec, tm
     assert Storage(str(tmp_path / "out" / "test-job")).exists("summary.json")
     rerun = run_job(load_spec(path), quiet=True)
     assert rerun.status == "succeeded" and rerun.generated_now == 0 and rerun.skipped_done == rerun.items_total
-    assert calls == ["succeeded", "succeeded"]
+    # The first run could not close itself, so the rerun closed it (as failed) before its own end.
+    assert calls == ["succeeded", "failed", "succeeded"]
 
 
 def test_a_database_error_at_the_end_of_a_failing_run_does_not_mask_its_error(make_spec, tmp_path, monkeypatch):
@@ -289,7 +298,7 @@ def test_a_fixed_row_supersedes_its_rejected_records(make_spec, tmp_path):
     fixed_rows = [good, {"prompt_id": "lamp", "prompt": "a brass desk lamp"}]
     fixed = load_spec(make_spec(manifest=write_manifest(tmp_path / "fixed.parquet", fixed_rows), database=db))
     dry = plan_job(fixed)
-    assert dry.superseded == 2 and "superseded: 2 earlier rejected records" in dry.render()
+    assert dry.superseded == 2 and "superseded: 2 earlier records (rows fixed" in dry.render()
     store = AuditStore(db)
     try:
         assert store.counts("test-job") == {"generated": 1, "rejected": 2}  # a dry run writes nothing
@@ -297,7 +306,7 @@ def test_a_fixed_row_supersedes_its_rejected_records(make_spec, tmp_path):
         store.dispose()
     summary = run_job(fixed, quiet=True)
     assert (summary.superseded_now, summary.generated_now, summary.items_total) == (2, 1, 2)
-    assert summary.counts == {"generated": 2, "superseded": 2} and "2 superseded rejected records" in summary.render()
+    assert summary.counts == {"generated": 2, "superseded": 2} and "2 superseded records" in summary.render()
     check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", expected_items=2)
     store = AuditStore(db)
     try:
@@ -315,6 +324,84 @@ def test_a_fixed_row_supersedes_its_rejected_records(make_spec, tmp_path):
     # Broken again: the position is rejected again, under the same ids, and counts as rejected once more.
     relapse = run_job(bad, quiet=True)
     assert relapse.rejected_now == 2 and relapse.counts == {"generated": 2, "rejected": 2}
+
+
+def test_a_row_planned_again_with_other_settings_supersedes_its_earlier_outputs(make_spec, tmp_path, monkeypatch):
+    # `--set sampler.steps=3` on a rerun (or a reworded prompt) plans a row's samples under new item ids; the old
+    # records stayed current and their images public: two outcomes for one row × sample (I1).
+    db = _db(tmp_path)
+    rows = [{"prompt_id": "mug", "prompt": "a red ceramic mug", "num_images": 2},
+            {"prompt_id": "lamp", "prompt": "a nude model holding a lamp"}]  # fmt: skip
+    first = run_job(load_spec(make_spec(rows, database=db, sampler={"steps": 2})), quiet=True)
+    assert first.counts == {"generated": 2, "blocked": 1}
+    root = Storage(str(tmp_path / "out" / "test-job"))
+    old_images = sorted(root.walk("images"))
+    assert len(old_images) == 2
+
+    rows[1]["prompt"] = "a brass desk lamp"
+    changed = load_spec(make_spec(rows, database=db, sampler={"steps": 3}))
+    assert plan_job(changed).superseded == 3  # two generated samples and the blocked prompt
+    rerun = run_job(changed, quiet=True)
+    assert (rerun.superseded_now, rerun.generated_now, rerun.items_total) == (3, 3, 3)
+    assert rerun.counts == {"generated": 3, "superseded": 3}
+    check_invariants(db, root.root, "test-job", expected_items=3)
+    assert sorted(root.walk("superseded")) == [f"superseded/{key}" for key in old_images]  # moved, not deleted
+    assert len(list(root.walk("images"))) == 3
+    store = AuditStore(db)
+    try:
+        old = {it.item_id: it for it in store.iter_items("test-job") if it.status == "superseded"}
+    finally:
+        store.dispose()
+    assert sorted(it.reasons[0]["code"] for it in old.values()) == ["prompt_blocklist", "superseded", "superseded"]
+    assert all("was planned again with other settings" in it.reasons[-1]["message"] for it in old.values())
+    assert all(it.image_uri.startswith(root.url("superseded/images")) for it in old.values() if it.image_sha256)
+    assert run_job(changed, quiet=True).superseded_now == 0  # the same settings again: nothing more to supersede
+
+    # A crash between moving an image and recording its record: the rerun finds the image where it was moved.
+    back = load_spec(make_spec(rows, database=db, sampler={"steps": 2}))
+    store_write = AuditStore.write_items
+
+    def crash_once(self, items, run_id):
+        if any(it.status == "superseded" for it in items):
+            monkeypatch.setattr(AuditStore, "write_items", store_write)
+            raise RuntimeError("killed")
+        return store_write(self, items, run_id)
+
+    monkeypatch.setattr(AuditStore, "write_items", crash_once)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_job(back, quiet=True)
+    recovered = run_job(back, quiet=True)
+    assert recovered.counts["generated"] == 3 and recovered.items_total == 3
+    check_invariants(db, root.root, "test-job", expected_items=3)
+
+
+def test_a_screen_rule_added_later_holds_done_images_for_review(make_spec, tmp_path):
+    # A `block` rule added later blocked done items on the next run, but a `review` rule left their images public.
+    db = _db(tmp_path)
+    rows = [{"prompt_id": "mug", "prompt": "a red mug on a table"}, {"prompt_id": "lamp", "prompt": "a desk lamp"}]
+    run_job(load_spec(make_spec(rows, database=db)), quiet=True)
+    root = Storage(str(tmp_path / "out" / "test-job"))
+    assert len(list(root.walk("images"))) == 2
+    rules = tmp_path / "brand.yaml"
+    rules.write_text("version: brand-1\ncategories:\n  brand_risk:\n    action: review\n    terms: [mug]\n")
+    screened = load_spec(make_spec(rows, database=db, scoring={"enabled": False, "screen": {"blocklist": str(rules)}}))
+    rerun = run_job(screened, quiet=True)
+    assert rerun.generated_now == 0 and rerun.skipped_done == 2 and rerun.decisions == {"review": 1, "unscored": 1}
+    assert [k.split("/")[0] for k in root.walk("review")] == ["review"] and len(list(root.walk("images"))) == 1
+    check_invariants(db, root.root, "test-job", expected_items=2)
+    store = AuditStore(db)
+    try:
+        mug = next(it for it in store.iter_items("test-job") if it.prompt_id == "mug")
+    finally:
+        store.dispose()
+    assert mug.decision == "review" and [r["rule"] for r in mug.reasons] == ["brand_risk:mug"]
+    assert run_job(screened, quiet=True).decisions == {"review": 1, "unscored": 1}
+    store = AuditStore(db)
+    try:  # once: the finding is on the record now, so the third run neither adds it again nor rewrites the record
+        again = next(it for it in store.iter_items("test-job") if it.prompt_id == "mug")
+        assert again.reasons == mug.reasons and len(store.history(mug.item_id)) == 2
+    finally:
+        store.dispose()
 
 
 def test_a_model_changed_under_the_same_name_is_refused_until_its_revision_label_changes(
@@ -353,3 +440,13 @@ def test_a_model_changed_under_the_same_name_is_refused_until_its_revision_label
         store.dispose()
     assert info["revision"] == "v2" and info["dtype"] == "float32"
     assert info["weights_sha256"]["scheduler/scheduler_config.json"]
+
+
+def test_a_row_the_model_cannot_honour_counts_as_a_rejected_row(make_spec, tmp_path):
+    # A sampler of the wrong family rejected the row's items, but the summary said "(0 rejected)" rows.
+    rows = [
+        {"prompt_id": "ok", "prompt": "a red mug"},
+        {"prompt_id": "flow", "prompt": "a mug", "sampler": "flow_match_euler"},
+    ]
+    dry = plan_job(load_spec(make_spec(rows, database=_db(tmp_path))))
+    assert (dry.rows, dry.rows_rejected, dry.rejected, dry.pending) == (2, 1, 1, 1)

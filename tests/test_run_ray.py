@@ -65,7 +65,8 @@ def test_demo_job_from_the_cli_and_its_rerun(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "pipeline.cli", "demo", "--quiet", "--set", f"output={out}",
            "--set", "resources.cpus_per_actor=0.4"]  # fmt: skip
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    # From another directory: the bundled manifest is found wherever genpipe runs.
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "generated 26, rejected 4, blocked 1, failed 0" in first.stdout, first.stdout
     assert "decisions: pass 26" in first.stdout and "bias report:" in first.stdout, first.stdout

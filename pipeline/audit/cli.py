@@ -10,6 +10,7 @@ import argparse
 import getpass
 import math
 import os
+import re
 import sys
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -26,7 +27,7 @@ from pipeline.audit.query import (
     export_approved,
     iter_records,
 )
-from pipeline.audit.reviews import ACTIONS, ROLES
+from pipeline.audit.reviews import ACTIONS, REASON_CODES, ROLES
 
 TOKEN_ENV = "GENPIPE_REVIEW_TOKEN"
 #: Score keys with their own --min-KEY / --max-KEY flags (any other key: --min-score KEY=VALUE).
@@ -216,7 +217,13 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
     store = _open(args.db)
     try:
-        events = store.history(args.item_id)
+        item_id = args.item_id
+        if re.fullmatch(r"[0-9a-f]{6,31}", item_id):  # the 8 characters in an image's file name, or any prefix
+            found = store.item_ids_starting(item_id, limit=2)
+            if len(found) > 1:
+                raise QueryError(f"item id prefix {item_id!r} is ambiguous ({', '.join(found)}, ...): give more of it")
+            item_id = found[0] if found else item_id
+        events = store.history(item_id)
     finally:
         store.dispose()
     if not events:
@@ -380,8 +387,9 @@ def register(subparsers: Any) -> None:
     p = add("review", _cmd_review, f"record a review as the reviewer whose token is in ${TOKEN_ENV}")
     p.add_argument("action", choices=ACTIONS)
     p.add_argument("item_id", nargs="+")
-    p.add_argument("--reason", metavar="CODE", help="reason code, e.g. nsfw_false_positive (reject/escalate need one)")
-    p.add_argument("--text", help="free text (a comment needs one)")
+    codes = "; ".join(f"{a}: {', '.join(c)}" for a, c in REASON_CODES.items())
+    p.add_argument("--reason", metavar="CODE", help=f"reason code (approve, reject and escalate need one) — {codes}")
+    p.add_argument("--text", help="free text (a comment needs one, and so does reason 'other')")
     p.add_argument(
         "--supersedes", type=_positive_int, metavar="SEQ", help="the review event this one replaces (default: latest)"
     )

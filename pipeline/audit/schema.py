@@ -164,6 +164,7 @@ class ItemRow(Base):
         # Serves both "WHERE job = ?" and keyset pages "WHERE job = ? AND item_id > ? ORDER BY item_id",
         # so the job column needs no single-column index of its own.
         Index("ix_items_job_item_id", "job", "item_id"),
+        Index("ix_items_job_prompt_id", "job", "prompt_id"),  # a prompt's earlier records, to supersede them
     )
 
 

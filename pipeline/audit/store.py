@@ -557,6 +557,31 @@ class AuditStore:
                 found.extend(_row_to_item(row) for row in conn.execute(select(*cols).where(*where)))
         return found
 
+    def outputs_of_prompts(self, job: str, prompt_ids: list[str]) -> list[Item]:
+        """The ``generated``, ``blocked`` and ``failed`` records of ``job`` for these prompt ids."""
+        cols = [_items.c[name] for name in ITEM_FIELDS]
+        found: list[Item] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(prompt_ids), _IN_CHUNK):
+                where = (_items.c.job == job, _items.c.status.in_(("generated", "blocked", "failed")),
+                         _items.c.prompt_id.in_(prompt_ids[start : start + _IN_CHUNK]))  # fmt: skip
+                found.extend(_row_to_item(row) for row in conn.execute(select(*cols).where(*where)))
+        return found
+
+    def item_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to ``limit`` item ids that start with ``prefix`` (hex), in order."""
+        query = select(_items.c.item_id).where(_items.c.item_id >= prefix, _items.c.item_id < prefix + "g")
+        with self.engine.connect() as conn:
+            return [i for (i,) in conn.execute(query.order_by(_items.c.item_id).limit(limit))]
+
+    def has_outputs(self, job: str) -> bool:
+        """Whether ``job`` has any ``generated``, ``blocked`` or ``failed`` record."""
+        query = select(_items.c.item_id).where(
+            _items.c.job == job, _items.c.status.in_(("generated", "blocked", "failed"))
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
     def row_times_from_seq(self) -> int | None:
         """``audit_settings.row_times_from_seq`` (see ``pipeline.audit.verify``); None when it is not a number."""
         with self.engine.connect() as conn:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, exists, func, select
+from sqlalchemy import Connection, and_, exists, func, or_, select
 
 from pipeline.audit.anchor import ANCHOR_FORMAT, read_anchor
 from pipeline.audit.chain import (
@@ -47,6 +47,7 @@ from pipeline.audit.chain import (
 from pipeline.audit.schema import ROW_TIMES_FROM_SEQ, EventRow, ItemRow, JobRow, ReviewerRow, RunRow
 from pipeline.audit.store import row_times_setting
 from pipeline.storage import open_input, retry
+from schemas.record import SUPERSEDED
 
 _events = EventRow.__table__
 _items = ItemRow.__table__
@@ -350,7 +351,10 @@ def _sha256_of(uri: str) -> str | None:
 
 def _check_images(conn: Connection, report: VerifyReport) -> None:
     report.images = 0
-    query = select(_items.c.item_id, _items.c.image_uri, _items.c.image_sha256).where(_items.c.status == "generated")
+    # Generated images, and those of records superseded by a rerun with other settings (moved under superseded/).
+    query = select(_items.c.item_id, _items.c.image_uri, _items.c.image_sha256).where(
+        or_(_items.c.status == "generated", and_(_items.c.status == SUPERSEDED, _items.c.image_sha256.is_not(None)))
+    )
     with ThreadPoolExecutor(_IMAGE_THREADS) as pool:
         page: list[Any] = []
         for row in _pages(conn, query, _items.c.item_id):

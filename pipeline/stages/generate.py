@@ -60,6 +60,8 @@ class DiffusersGenerator(Stage):
         self._base_scheduler_config = self._pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
         self._call_params = set(inspect.signature(self._pipe.__call__).parameters)
+        # SDXL-style pipelines treat "no negative prompt" (zeros) unlike an empty one (encoded "").
+        self._zeroes_empty_negative = bool(getattr(self._pipe.config, "force_zeros_for_empty_prompt", False))
         self._active_lora: str | None = "[]"  # load_pipeline leaves adapters disabled
 
     def _configure_cpu(self, torch) -> None:
@@ -83,7 +85,8 @@ class DiffusersGenerator(Stage):
             if problem is not None:
                 item.fail(ValueError(problem), self.name)
                 continue
-            groups.setdefault(item.param_key(), []).append(item)
+            key = item.param_key()  # its last element: whether the item has a negative prompt (see _generate)
+            groups.setdefault(key if self._zeroes_empty_negative else key[:-1], []).append(item)
         for group in groups.values():
             try:
                 self._prepare(group[0])
@@ -147,10 +150,11 @@ class DiffusersGenerator(Stage):
             "generator": [torch.Generator(device="cpu").manual_seed(int(it.seed)) for it in items],
             "output_type": "np",
         }
-        if "negative_prompt" in self._call_params and first.negative_prompt:
-            # A call's items all have a negative prompt or none do (``Item.param_key``). None is what a diffusers
-            # user passes for none, and it is not always [""]: SDXL zeroes the unconditional embedding for it.
-            kwargs["negative_prompt"] = [it.negative_prompt for it in items]
+        if "negative_prompt" in self._call_params and any(it.negative_prompt for it in items):
+            # None (no argument) is what a diffusers user passes for no negative prompt, and it is not always [""]:
+            # SDXL zeroes the unconditional embedding for None. There, a call's items all have one or none do (see
+            # process); elsewhere "" means the same as None, so items with and without one share a call.
+            kwargs["negative_prompt"] = [it.negative_prompt or "" for it in items]
         start = time.perf_counter()
         try:
             images = self._pipe(**kwargs).images
@@ -163,5 +167,9 @@ class DiffusersGenerator(Stage):
         per_image = (time.perf_counter() - start) / len(items)
         pixels = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
         for item, img in zip(items, pixels, strict=True):
+            if img.shape[:2] != (item.height, item.width):  # a pipeline that rounds sizes; never record a wrong one
+                item.fail(ValueError(f"the pipeline made {img.shape[1]}x{img.shape[0]} pixels, not the "
+                                     f"{item.width}x{item.height} asked for"), self.name)  # fmt: skip
+                continue
             item.pixels = img
             item.timings["generate_s"] = round(per_image, 6)

@@ -7,7 +7,8 @@ stored is recorded on the item.
 The prefix follows the policy decision, and ``image_key`` is the one place that decides it: only ``pass`` (or
 an unscored item, when scoring is off) goes under the public ``images/``; ``review`` goes under ``review/`` and
 ``block`` under ``quarantine/``. Nothing flagged is ever written under the public prefix, and nothing is deleted
-or altered: a flagged image is stored byte for byte like a passed one, just elsewhere.
+or altered: a flagged image is stored byte for byte like a passed one, just elsewhere. The image of a record
+``superseded`` by a rerun with other settings moves under ``superseded/{its prefix}/``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from PIL import Image, PngImagePlugin
 
 from pipeline.stages.base import Resources, Stage
 from pipeline.storage import Storage
-from schemas.record import Item
+from schemas.record import SUPERSEDED, Item
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PUBLIC_PREFIX = "images"
 REVIEW_PREFIX = "review"
 QUARANTINE_PREFIX = "quarantine"
+SUPERSEDED_PREFIX = "superseded"
 #: Where each decision's images go; ``None`` is an unscored item (scoring disabled).
 PREFIX_BY_DECISION: dict[str | None, str] = {
     None: PUBLIC_PREFIX,
@@ -43,6 +45,8 @@ def image_key(item: Item, prefix: str | None = None) -> str:
     falling back to the public prefix."""
     if prefix is None:
         prefix = PREFIX_BY_DECISION[item.decision]
+        if item.status == SUPERSEDED:
+            prefix = f"{SUPERSEDED_PREFIX}/{prefix}"
     ext = EXTENSIONS[item.format]
     return f"{prefix}/{item.prompt_id}/{item.prompt_id}-{item.sample_index:04d}-{item.item_id[:8]}.{ext}"
 
