@@ -51,7 +51,12 @@ class LoraSpec(_Strict):
 
     path: str = Field(description="Local path or fsspec URL of the adapter (safetensors, diffusers LoRA format).")
     scale: float = Field(1.0, ge=0.0, le=4.0, description="Adapter strength; 0 is the base model.")
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,64}$", description="Adapter name; default from path.")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]{1,64}$",
+        description="A label recorded with each item (part of its identity); the adapter loads under a name "
+        "derived from path and weight_name.",
+    )
     weight_name: str | None = Field(None, description="File inside a directory path (diffusers `weight_name`).")
 
 

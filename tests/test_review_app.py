@@ -49,7 +49,8 @@ ITEMS = {
     "hat": ("summer-hats", "summer", "review", "straw hat, 100% natural_fibre",
             {"nsfw": 0.30, "clipscore": 0.09, "clip_cosine": 0.08}, [("low_alignment", "clipscore 0.09 < 0.15")]),
     "gift": ("summer-hats", "summer", "review", f"gift card {INJECTION} {SCRIPT}",
-             {"nsfw": 0.58, "clipscore": 0.2}, [("nsfw_borderline", SCRIPT)]),
+             {"nsfw": 0.58, "clipscore": 0.2, "bias_person_present": False, "clip_rank": 1},
+             [("nsfw_borderline", SCRIPT)]),
 }  # fmt: skip
 COLORS = [(231, 111, 81), (42, 157, 143), (233, 196, 106), (38, 70, 83), (244, 162, 97), (120, 90, 200), (90, 90, 90)]
 
@@ -497,6 +498,9 @@ def test_item_page_shows_everything_and_the_history(env: Env) -> None:
     for text in ("gift card", "summer-hats", "euler", "7.5", "nsfw_borderline", "0.580", "catalog", "sku_color",
                  env.data.files["gift"].name, 'id="effective">rejected'):  # fmt: skip
         assert text in page, text
+    # A flag reads yes/no and a rank as a whole number (they showed as "–" and "1.000").
+    assert '<th>bias_person_present</th><td class="num">no</td>' in page
+    assert '<th>clip_rank</th><td class="num">1</td>' in page
     history = page[page.index('id="history"') :]
     assert history.index("item recorded") < history.index("review escalate") < history.index("review reject")
     assert "check the brand guide" in history and "needs_admin" in history and "legal_risk" in history

@@ -94,6 +94,15 @@ class SignInRequired(Exception):
         self.next_path = next_path
 
 
+def _score_text(value: Any) -> str:
+    """A score as the page shows it: flags as yes/no, counts and ranks as whole numbers, probabilities to 3 places."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}" if isinstance(value, float) else "–"
+
+
 class BadReview(Exception):
     """A review the form asked for that is not allowed; the message is shown to the reviewer."""
 
@@ -102,7 +111,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
-    env.filters["score"] = lambda v: f"{v:.3f}" if isinstance(v, int | float) and not isinstance(v, bool) else "–"
+    env.filters["score"] = _score_text
     env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(v, datetime) else (v or "")
     env.filters["pretty"] = lambda v: json.dumps(v, indent=1, ensure_ascii=False, sort_keys=True, default=json_default)
     return env

@@ -97,13 +97,14 @@ class QueueParams:
                 setattr(p, name, value)
             else:
                 p.errors.append(f"{name}: {value!r} is not one of {', '.join(allowed)}")
-        for name, ok in (("per_page", lambda n: n in PAGE_SIZES), ("page", lambda n: 1 <= n <= 1_000_000)):
+        for name, ok, allowed in (("per_page", lambda n: n in PAGE_SIZES, ", ".join(map(str, PAGE_SIZES))),
+                                  ("page", lambda n: 1 <= n <= 1_000_000, "1 to 1,000,000")):  # fmt: skip
             if name in p.raw:
                 text = p.raw[name]
                 if text.isascii() and text.isdigit() and len(text) <= 9 and ok(int(text)):  # not "²", not 10**5000
                     setattr(p, name, int(text))
                 else:
-                    p.errors.append(f"{name.replace('_', ' ')}: {text!r} is not allowed")
+                    p.errors.append(f"{name.replace('_', ' ')}: {text!r} is not allowed (one of {allowed})")
         return p
 
     def filters(self) -> QueryFilters:
