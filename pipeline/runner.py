@@ -256,7 +256,7 @@ class _Planner:
         self.summary_counts["items"] += len(chunk)
         existing = self.store.get_items([it.item_id for it in chunk]) if self.store is not None else {}
         new_rejected = self._superseded(chunk) if manifest_rows and len(self._stale_rows) else []
-        replaced = self._replaced(chunk) if manifest_rows and self._had_outputs else []
+        replaced = self._replaced(chunk, existing) if manifest_rows and self._had_outputs else []
         rerouted: list[tuple[Item, str]] = []
         for item in chunk:
             old = existing.get(item.item_id)
@@ -298,11 +298,17 @@ class _Planner:
         self.summary_counts["superseded_now"] += len(out)
         return out
 
-    def _replaced(self, chunk: list[Item]) -> list[tuple[Item, str | None]]:
+    def _replaced(self, chunk: list[Item], existing: dict[str, Item]) -> list[tuple[Item, str | None]]:
         """The earlier ``generated``, ``blocked`` and ``failed`` records (regeneration tries included) of each
         (prompt_id, sample) of ``chunk`` that is now planned under another id — its settings changed — marked
-        `superseded`, each with the key its image had (I1: one current record per manifest row × sample)."""
-        now = {(it.prompt_id, it.sample_index): it.item_id for it in chunk if it.status != "rejected"}
+        `superseded`, each with the key its image had (I1: one current record per manifest row × sample).
+
+        A position whose planned item is already a current output is not looked up: when that item was planned,
+        every other record at the position was superseded (so a resumed run with unchanged settings costs no
+        query here)."""
+        current = ("generated", "blocked", "failed")
+        now = {(it.prompt_id, it.sample_index): it.item_id for it in chunk if it.status != "rejected"
+               and not ((old := existing.get(it.item_id)) is not None and old.status in current)}  # fmt: skip
         if not now:
             return []
         planned = {it.item_id for it in chunk}
