@@ -10,6 +10,7 @@ Latin, Greek and Cyrillic), else Pillow's built-in font.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import io
@@ -38,8 +39,20 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     for base in (spec.submodule_search_locations or []) if spec else []:
         path = os.path.join(base, "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
         if os.path.exists(path):
-            return ImageFont.truetype(path, size)
-    return ImageFont.load_default(size)
+            with contextlib.suppress(OSError):  # a Pillow built without FreeType
+                return ImageFont.truetype(path, size)
+    try:
+        return ImageFont.load_default(size)  # Pillow >= 10.1: a scalable built-in font
+    except TypeError:
+        return ImageFont.load_default()  # older Pillow: its small bitmap font
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: str, fnt, anchor: str) -> None:
+    """``text`` placed by a two-letter anchor (l/m/r, t/m), computed from its box: bitmap fonts take no anchor."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=fnt)
+    x = xy[0] - {"l": left, "m": (left + right) / 2, "r": right}[anchor[0]]
+    y = xy[1] - {"t": top, "m": (top + bottom) / 2}[anchor[1]]
+    draw.text((x, y), text, fill=fill, font=fnt)
 
 
 def shorten(text: str, fnt: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float) -> str:
@@ -89,22 +102,22 @@ def stacked_bars_png(
 
     img = Image.new("RGB", (WIDTH, height), "white")
     draw = ImageDraw.Draw(img)
-    draw.text(((x0 + x1) // 2, PAD), title, fill=INK, font=big, anchor="mt")
+    _text(draw, ((x0 + x1) // 2, PAD), title, INK, big, "mt")
     span = x1 - x0
     for k in range(6):  # ticks and grid at 0, 0.2, …, 1
         x = x0 + round(span * k / 5)
         draw.line([(x, top), (x, bottom)], fill=GRID)
         draw.line([(x, bottom), (x, bottom + 4)], fill=INK)
-        draw.text((x, bottom + 6), f"{k / 5:.1f}", fill=INK, font=small, anchor="mt")
-    draw.text(((x0 + x1) // 2, bottom + 24), xlabel, fill=INK, font=text, anchor="mt")
+        _text(draw, (x, bottom + 6), f"{k / 5:.1f}", INK, small, "mt")
+    _text(draw, ((x0 + x1) // 2, bottom + 24), xlabel, INK, text, "mt")
     if note:
-        draw.text(((x0 + x1) // 2, bottom + 44), note, fill=MUTED, font=small, anchor="mt")
+        _text(draw, ((x0 + x1) // 2, bottom + 44), note, MUTED, small, "mt")
 
     for i, (label, row) in enumerate(zip(labels, shares, strict=True)):
         mid = top + i * ROW + ROW // 2
-        draw.text((x0 - 8, mid), label, fill=INK, font=text, anchor="rm")
+        _text(draw, (x0 - 8, mid), label, INK, text, "rm")
         if row is None:
-            draw.text((x0 + 6, mid), empty_label, fill=MUTED, font=small, anchor="lm")
+            _text(draw, (x0 + 6, mid), empty_label, MUTED, small, "lm")
             continue
         left = 0.0
         for j, share in enumerate(row):
@@ -116,11 +129,11 @@ def stacked_bars_png(
 
     lx, ly = x1 + 16, top
     if legend_title:
-        draw.text((lx, ly), legend_title, fill=INK, font=small, anchor="lt")
+        _text(draw, (lx, ly), legend_title, INK, small, "lt")
         ly += 18
     for c, colour in zip(classes, colours):  # noqa: B905 (a palette may hold more colours)
         draw.rectangle([(lx, ly + 1), (lx + 12, ly + 13)], fill=colour, outline=EDGE)
-        draw.text((lx + 18, ly + 7), c, fill=INK, font=text, anchor="lm")
+        _text(draw, (lx + 18, ly + 7), c, INK, text, "lm")
         ly += 18
 
     buf = io.BytesIO()
