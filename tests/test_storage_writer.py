@@ -90,3 +90,21 @@ def test_record_round_trips_through_arrow_transport():
     [back] = items_from_table(items_to_table([item]))
     assert back.as_dict() == item.as_dict()
     assert np.array_equal(back.pixels, item.pixels)
+
+
+def test_a_batch_encoded_side_by_side_stores_the_same_bytes_as_one_at_a_time(tmp_path, monkeypatch):
+    import pipeline.stages.write as write
+
+    def batch():
+        rng = np.random.default_rng(0)
+        items = [_item(seed=s, item_id=f"{s:032x}") for s in range(6)]
+        for it in items:
+            it.pixels = rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)
+        return items
+
+    monkeypatch.setattr(write, "_ENCODE_THREADS", 1)
+    serial = ImageWriter(str(tmp_path / "a")).process(batch())
+    monkeypatch.setattr(write, "_ENCODE_THREADS", 4)
+    threaded = ImageWriter(str(tmp_path / "b")).process(batch())
+    assert [it.status for it in threaded] == ["generated"] * 6
+    assert [it.image_sha256 for it in threaded] == [it.image_sha256 for it in serial]
