@@ -256,8 +256,8 @@ class _Planner:
         self.summary_counts["items"] += len(chunk)
         existing = self.store.get_items([it.item_id for it in chunk]) if self.store is not None else {}
         new_rejected = self._superseded(chunk) if manifest_rows and len(self._stale_rows) else []
-        replaced = self._replaced(chunk, existing) if manifest_rows and self._had_outputs else []
-        rerouted: list[tuple[Item, str]] = []
+        changed = self._earlier_outputs(chunk) if manifest_rows and self._had_outputs else []
+        pending = []
         for item in chunk:
             old = existing.get(item.item_id)
             if item.status in ("rejected", "blocked"):  # terminal before generation: recorded, never planned
@@ -269,15 +269,19 @@ class _Planner:
                 continue
             if old is not None and old.status == "generated" and self._image_intact(old):
                 self.summary_counts["skipped_done"] += 1
-                if (held := self._held_by_the_screen_now(old, item)) is not None:
-                    rerouted.append(held)
+                if (held := self._screen_verdict(old, item)) is not None:
+                    changed.append(held)
                 continue
+            pending.append(item)
+        # Recorded before any of this chunk's new items can reach the executor: a crash in between must not
+        # leave a new item current beside the record it replaces.
+        if (new_rejected or changed) and not self.dry_run:
+            self._record_changes(changed, new_rejected)
+        for item in pending:
             self._pending.append(item)
             self.summary_counts["held_now"] += item.decision == "review"  # the prompt screen holds it for review
             if len(self._pending) >= PLAN_SHARD_ITEMS:
                 self._flush_shard()
-        if (new_rejected or replaced or rerouted) and not self.dry_run:
-            self._record_replaced(replaced + rerouted, new_rejected)
 
     def _superseded(self, chunk: list[Item]) -> list[Item]:
         """The earlier `rejected` records at the manifest positions of ``chunk`` that its items do not rewrite,
@@ -298,69 +302,83 @@ class _Planner:
         self.summary_counts["superseded_now"] += len(out)
         return out
 
-    def _replaced(self, chunk: list[Item], existing: dict[str, Item]) -> list[tuple[Item, str | None]]:
-        """The earlier ``generated``, ``blocked`` and ``failed`` records (regeneration tries included) of each
-        (prompt_id, sample) of ``chunk`` that is now planned under another id — its settings changed — marked
-        `superseded`, each with the key its image had (I1: one current record per manifest row × sample).
+    def _earlier_outputs(self, chunk: list[Item]) -> list[tuple[Item, str | None]]:
+        """What this chunk changes in the job's earlier ``generated``, ``blocked`` and ``failed`` records of its
+        prompts, each with the key its image had:
 
-        A position whose planned item is already a current output is not looked up: when that item was planned,
-        every other record at the position was superseded (so a resumed run with unchanged settings costs no
-        query here)."""
-        current = ("generated", "blocked", "failed")
-        now = {(it.prompt_id, it.sample_index): it.item_id for it in chunk if it.status != "rejected"
-               and not ((old := existing.get(it.item_id)) is not None and old.status in current)}  # fmt: skip
-        if not now:
+        - a record that is neither planned now nor a regeneration try of a planned item becomes `superseded`: its
+          row's settings changed (another id) or the row asks for fewer samples (I1: one current record per
+          manifest row × sample);
+        - a regeneration try of a prompt the screen now blocks or holds gets the finding and the stricter
+          decision (its first try is rerecorded as blocked, or held by ``_screen_verdict``).
+
+        One light query per chunk; whole records are read only for what may change."""
+        prompts = sorted({it.prompt_id for it in chunk if it.status != "rejected"})
+        if not prompts:
             return []
         planned = {it.item_id for it in chunk}
-        out = []
-        for old in self.store.outputs_of_prompts(self.spec.name, sorted({p for p, _ in now})):
-            new_id = now.get((old.prompt_id, old.sample_index))
-            root = old.metadata.get("attempt_of", old.item_id) if old.attempt > 1 else old.item_id
-            if new_id is None or old.item_id in planned or root in planned:
+        rows = self.store.outputs_of_prompts(self.spec.name, prompts)
+        wanted = [item_id for item_id, attempt in rows if attempt > 1 or item_id not in planned]
+        if not wanted:
+            return []
+        flagged = {it.item_id: it for it in chunk if _screen_findings(it)}
+        new_at = {(it.prompt_id, it.sample_index): it.item_id for it in chunk if it.status != "rejected"}
+        out: list[tuple[Item, str | None]] = []
+        for old in self.store.get_items(wanted).values():
+            if old.status not in ("generated", "blocked", "failed"):
                 continue
-            key = image_key(old) if old.image_sha256 else None
-            message = (f"prompt_id {old.prompt_id!r} sample {old.sample_index} was planned again with other "
-                       f"settings, as item {new_id}")  # fmt: skip
-            out.append((old.supersede(message), key))
-        self.summary_counts["superseded_now"] += len(out)
+            root = old.metadata.get("attempt_of", old.item_id) if old.attempt > 1 else old.item_id
+            if old.item_id not in planned and root not in planned:
+                new_id = new_at.get((old.prompt_id, old.sample_index))
+                why = (f"was planned again with other settings, as item {new_id}" if new_id else
+                       "is no longer planned (the row asks for fewer samples)")  # fmt: skip
+                key = image_key(old) if old.image_sha256 else None
+                out.append((old.supersede(f"prompt_id {old.prompt_id!r} sample {old.sample_index} {why}"), key))
+                self.summary_counts["superseded_now"] += 1
+            elif (
+                old.attempt > 1
+                and root in flagged
+                and old.status == "generated"
+                and (verdict := self._screen_verdict(old, flagged[root])) is not None
+            ):
+                out.append(verdict)
         return out
 
-    def _held_by_the_screen_now(self, old: Item, planned: Item) -> tuple[Item, str] | None:
-        """A done item whose prompt the screen now holds for review (a rule added since it was made): ``old`` with
-        the screen's new findings and, if it was published, decision ``review`` — with the key its image had.
-        Only findings of rules and classifier scores count: a screen that errors now says nothing about it.
-        (A rule that blocks is handled by planning: the item is recorded ``blocked``, its image quarantined.)"""
-
-        def key(r: dict) -> tuple:
-            return r.get("code"), r.get("rule") or r.get("classifier")
-
-        seen = {key(r) for r in old.reasons}
-        new = [r for r in planned.reasons if r.get("stage") == "screen" and r.get("code") != "screen_error"
-               and key(r) not in seen]  # fmt: skip
+    def _screen_verdict(self, old: Item, planned: Item) -> tuple[Item, str] | None:
+        """A done item (or a regeneration try of it) whose prompt the screen now blocks or holds — a rule added
+        since it was made: ``old`` with the screen's new findings and the stricter decision, with the key its
+        image had. Only findings of rules and classifier scores count: a screen that errors now says nothing."""
+        new = [r for r in _screen_findings(planned) if _finding_key(r) not in {_finding_key(o) for o in old.reasons}]
         if not new:
             return None
         self.summary_counts["rerouted_now"] += 1
         old_key = image_key(old)
         old.reasons.extend(new)
-        if old.decision in (None, "pass"):
-            old.decision = "review"
+        decision = "block" if planned.status == "blocked" else "review"
+        if _DECISION_RANK[decision] > _DECISION_RANK[old.decision]:
+            old.decision = decision
         return old, old_key
 
-    def _record_replaced(self, replaced: list[tuple[Item, str | None]], rejected: list[Item]) -> None:
-        """Move the images of superseded records under ``superseded/`` (and those the screen now holds under
-        ``review/``) and record the lot. A crash between a move and the write leaves the record at its old key and
-        the image at the new one: the rerun finds it there."""
-        for item, old_key in replaced:
+    def _record_changes(self, changed: list[tuple[Item, str | None]], rejected: list[Item]) -> None:
+        """Record superseded and rerouted records, with their images under their new keys (``superseded/``,
+        ``review/``, ``quarantine/``): copy, record, then delete the old copy. A crash before the record leaves
+        an extra copy that the rerun writes again; one after it, an unrecorded old copy that reconcile_orphans
+        quarantines. Neither loses an image or leaves two current records."""
+        copied = []
+        for item, old_key in changed:
             if old_key is None:
                 continue
             new_key = image_key(item)
-            if self.storage.exists(old_key):
-                self.storage.move(old_key, new_key)
+            if new_key != old_key and self.storage.exists(old_key):
+                self.storage.write_atomic(new_key, self.storage.read(old_key))
+                copied.append(old_key)
             if self.storage.exists(new_key):
                 item.image_uri = self.storage.url(new_key)
             else:  # removed by hand: the record keeps no image it cannot point at
                 item.image_uri = item.image_sha256 = None
-        self.store.write_items([it for it, _ in replaced] + rejected, self.run_id)
+        self.store.write_items([it for it, _ in changed] + rejected, self.run_id)
+        for key in copied:
+            self.storage.delete(key)
 
     def plan_items(self, items: list[Item]) -> list[str]:
         """Plan extra items (regeneration tries) through the same resume check; returns the new shard keys."""
@@ -568,6 +586,9 @@ def run_job(spec: JobSpec, *, quiet: bool = False) -> RunSummary:
             summary.counts = store.counts(spec.name)
             summary.items_total = sum(n for status, n in summary.counts.items() if status != SUPERSEDED)
             summary.decisions = _decision_counts(store, spec.name)
+        with contextlib.suppress(Exception):
+            if not storage.exists(RESULTS_KEY):  # not written yet: the summary must not point at nothing
+                summary.results = ""
         raise
     finally:
         summary.elapsed_s = time.monotonic() - started
@@ -710,6 +731,18 @@ def _write_summary(storage: Storage, summary: RunSummary) -> None:
         storage.write_atomic("summary.md", f"# Run summary\n\n```\n{summary.render()}\n```\n".encode())
     except Exception as exc:  # the summary is a convenience copy; the DB row is the record
         print(f"genpipe: warning: could not write the run summary: {exc}", file=sys.stderr)
+
+
+_DECISION_RANK = {None: 0, "pass": 0, "review": 1, "block": 2}
+
+
+def _screen_findings(item: Item) -> list[dict[str, Any]]:
+    """The prompt screen's findings on ``item`` (rules and classifier scores; not a screen that errored)."""
+    return [r for r in item.reasons if r.get("stage") == "screen" and r.get("code") != "screen_error"]
+
+
+def _finding_key(reason: dict[str, Any]) -> tuple:
+    return reason.get("code"), reason.get("rule") or reason.get("classifier")
 
 
 def _terminal_view(item: Item) -> tuple:

@@ -13,6 +13,7 @@ from pipeline.audit import AuditStore
 from pipeline.config import load_spec
 from pipeline.errors import ManifestError, SpecError
 from pipeline.runner import plan_job, run_job
+from pipeline.stages.write import image_key
 from pipeline.storage import Storage
 from tests import fixtures_models as fm
 from tests.conftest import write_manifest
@@ -450,3 +451,84 @@ def test_a_row_the_model_cannot_honour_counts_as_a_rejected_row(make_spec, tmp_p
     ]
     dry = plan_job(load_spec(make_spec(rows, database=_db(tmp_path))))
     assert (dry.rows, dry.rows_rejected, dry.rejected, dry.pending) == (2, 1, 1, 1)
+
+
+def test_samples_a_row_no_longer_asks_for_are_superseded(make_spec, tmp_path):
+    db = _db(tmp_path)
+    rows = [{"prompt_id": "mug", "prompt": "a red mug", "num_images": 2}]
+    run_job(load_spec(make_spec(rows, database=db)), quiet=True)
+    rows[0]["num_images"] = 1
+    fewer = run_job(load_spec(make_spec(rows, database=db)), quiet=True)
+    assert (fewer.superseded_now, fewer.skipped_done, fewer.items_total) == (1, 1, 1)
+    root = Storage(str(tmp_path / "out" / "test-job"))
+    check_invariants(db, root.root, "test-job", expected_items=1)
+    assert [k.rsplit("/", 1)[-1][:9] for k in root.walk("superseded")] == ["mug-0001-"]
+
+
+def test_a_crash_after_planning_never_leaves_a_new_item_beside_the_record_it_replaces(make_spec, tmp_path, monkeypatch):
+    # The superseding records were written after the chunk's new items could reach the executor (a shard is
+    # flushed inside the chunk): a kill in between left both current, and no later run looked again.
+    from pipeline import runner
+
+    db = _db(tmp_path)
+    rows = [{"prompt_id": "mug", "prompt": "a red mug"}]
+    run_job(load_spec(make_spec(rows, database=db)), quiet=True)
+    monkeypatch.setattr(runner, "PLAN_SHARD_ITEMS", 1)
+    real = runner._Planner._record_changes
+    shards_before = []
+
+    def killed(self, changed, rejected):
+        shards_before.append(len(self.shards))
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(runner._Planner, "_record_changes", killed)
+    changed = load_spec(make_spec(rows, database=db, sampler={"steps": 3}))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_job(changed, quiet=True)
+    assert shards_before == [0]  # nothing of the chunk was handed to the executor yet
+    monkeypatch.setattr(runner._Planner, "_record_changes", real)
+    rerun = run_job(changed, quiet=True)
+    assert rerun.superseded_now == 1 and rerun.counts == {"generated": 1, "superseded": 1}
+    check_invariants(db, str(tmp_path / "out" / "test-job"), "test-job", expected_items=1)
+
+
+def test_a_screen_rule_added_later_reaches_the_regeneration_tries_too(make_spec, tmp_path, monkeypatch):
+    # The first try was held by a scorer and regenerated; the second passed and was published. A screen rule
+    # added later held or blocked the first try's record only: the public second try stayed public.
+    from pipeline import runner
+    from pipeline.stages.base import Stage
+
+    class HoldFirstTries(Stage):
+        name = "hold_first_tries"
+
+        def process(self, items):
+            for it in items:
+                if it.status == "pending":
+                    it.decision = "review" if it.attempt == 1 else (it.decision or "pass")
+                    if it.attempt == 1:
+                        it.reasons.append({"code": "nsfw_threshold", "stage": "score", "action": "review"})
+            return items
+
+    real_build = runner.build_stages
+    monkeypatch.setattr(runner, "build_stages", lambda spec: [real_build(spec)[0], HoldFirstTries(),
+                                                              *real_build(spec)[1:]])  # fmt: skip
+    db, policy = _db(tmp_path), {"regenerate_tries": 1, "regenerate_on": ["review"]}
+    rows = [{"prompt_id": "mug", "prompt": "a red mug on a table"}]
+    run_job(load_spec(make_spec(rows, database=db, policy=policy)), quiet=True)
+    root = Storage(str(tmp_path / "out" / "test-job"))
+    assert len(list(root.walk("images"))) == 1 and len(list(root.walk("review"))) == 1
+    for action, prefix in (("review", "review"), ("block", "quarantine")):
+        rules = tmp_path / f"{action}.yaml"
+        rules.write_text(f"version: b-1\ncategories:\n  brand_{action}:\n    action: {action}\n    terms: [mug]\n")
+        screened = make_spec(rows, database=db, policy=policy,
+                             scoring={"enabled": False, "screen": {"blocklist": str(rules)}})  # fmt: skip
+        run_job(load_spec(screened), quiet=True)
+        assert list(root.walk("images")) == [], action  # nothing of the prompt stays public
+        store = AuditStore(db)
+        try:
+            second = next(it for it in store.iter_items("test-job") if it.attempt == 2)
+        finally:
+            store.dispose()
+        assert second.decision == action and image_key(second).startswith(prefix)
+        assert f"brand_{action}:mug" in [r.get("rule") for r in second.reasons]
+        check_invariants(db, root.root, "test-job", expected_items=1)

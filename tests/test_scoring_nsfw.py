@@ -220,6 +220,12 @@ def test_a_clip_tag_that_is_not_cached_offline_is_refused_before_launch(tmp_path
         "or give a local .safetensors checkpoint"
     ]
     assert problems("no-such-tag") == ["scoring.clip.pretrained: ViT-B-32 has no pretrained tag 'no-such-tag'"]
+    # A repo whose file is pytorch_model.bin: open_clip looks for pytorch_model.safetensors (not model.safetensors).
+    spec = JobSpec(name="j", manifest="m", output="o",
+                   scoring={"clip": {"architecture": "ViTamin-B", "pretrained": "datacomp1b"}})  # fmt: skip
+    with pytest.raises(SpecError) as info:
+        check_scoring(spec)
+    assert "(jienengchen/ViTamin-B/pytorch_model.safetensors) is not in the local HF cache" in info.value.problems[0]
     # In the cache as safetensors: accepted (what open_clip's own lookup would then load).
     from huggingface_hub import try_to_load_from_cache
 

@@ -557,15 +557,15 @@ class AuditStore:
                 found.extend(_row_to_item(row) for row in conn.execute(select(*cols).where(*where)))
         return found
 
-    def outputs_of_prompts(self, job: str, prompt_ids: list[str]) -> list[Item]:
-        """The ``generated``, ``blocked`` and ``failed`` records of ``job`` for these prompt ids."""
-        cols = [_items.c[name] for name in ITEM_FIELDS]
-        found: list[Item] = []
+    def outputs_of_prompts(self, job: str, prompt_ids: list[str]) -> list[tuple[str, int]]:
+        """(item_id, attempt) of the ``generated``, ``blocked`` and ``failed`` records of ``job`` for these prompt
+        ids: a light read (no JSON decoded), for the planner to pick what it needs whole."""
+        found: list[tuple[str, int]] = []
         with self.engine.connect() as conn:
             for start in range(0, len(prompt_ids), _IN_CHUNK):
                 where = (_items.c.job == job, _items.c.status.in_(("generated", "blocked", "failed")),
                          _items.c.prompt_id.in_(prompt_ids[start : start + _IN_CHUNK]))  # fmt: skip
-                found.extend(_row_to_item(row) for row in conn.execute(select(*cols).where(*where)))
+                found.extend((i, a) for i, a in conn.execute(select(_items.c.item_id, _items.c.attempt).where(*where)))
         return found
 
     def item_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:

@@ -84,7 +84,7 @@ def _check_clip_tag(arch: str, tag: str) -> list[str]:
     """A pretrained tag must resolve, without a download when the hub is off limits, to safetensors weights:
     otherwise every image of the run would be generated, then held for review with a scorer error."""
     from huggingface_hub import constants, try_to_load_from_cache
-    from open_clip.pretrained import HF_WEIGHTS_NAME, get_pretrained_cfg
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, get_pretrained_cfg
 
     cfg = get_pretrained_cfg(arch, tag)
     if not cfg:
@@ -93,8 +93,18 @@ def _check_clip_tag(arch: str, tag: str) -> list[str]:
     if not model_id:  # only a download URL, of a pickle checkpoint
         return [f"scoring.clip.pretrained: {arch}/{tag} is published only as a pickle checkpoint at a URL; weights "
                 "load as safetensors only: convert it and give the local .safetensors path"]  # fmt: skip
-    # open_clip looks for the safetensors twin of the file first (open_clip_model.safetensors)
-    safe = (filename or HF_WEIGHTS_NAME).replace("pytorch_model", "model").rsplit(".", 1)[0] + ".safetensors"
+    # open_clip looks for the safetensors twin of the file first, with its own naming (_get_safe_alternatives:
+    # open_clip_pytorch_model.bin → open_clip_model.safetensors, other x.bin / x.pth → x.safetensors)
+    name = filename or HF_WEIGHTS_NAME
+    if name == HF_WEIGHTS_NAME:
+        safe = HF_SAFE_WEIGHTS_NAME
+    elif name.endswith((".bin", ".pth")):
+        safe = name[:-4] + ".safetensors"
+    else:
+        safe = name
+    if not safe.endswith(".safetensors"):
+        return [f"scoring.clip.pretrained: {arch}/{tag} is published as {name}, not safetensors; weights load as "
+                "safetensors only: convert it and give the local .safetensors path"]  # fmt: skip
     if constants.is_offline_mode() and not isinstance(try_to_load_from_cache(model_id, safe), str):
         return [f"scoring.clip.pretrained: {arch}/{tag} ({model_id}/{safe}) is not in the local HF cache, and "
                 "HF_HUB_OFFLINE is set so it cannot be downloaded; download it beforehand or give a local "
