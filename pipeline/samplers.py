@@ -149,34 +149,13 @@ def model_traits(model_path_or_id: str | Path, family: Family | None) -> ModelTr
     index = _model_index(model_path_or_id) or {}
     pipeline = str(index.get("_class_name", ""))
     multiple = 8
-    vae = _component_config(model_path_or_id, "vae")
+    vae = _model_json(model_path_or_id, "vae/config.json")
     channels = vae.get("block_out_channels") if vae else None
     if isinstance(channels, list) and channels:
         multiple = 2 ** (len(channels) - 1)
         if pipeline.startswith(_PACKED_LATENTS):
             multiple *= 2
     return ModelTraits(family=family, pipeline=pipeline, size_multiple=multiple)
-
-
-def _component_config(model_path_or_id: str | Path, component: str) -> dict[str, Any] | None:
-    path = Path(model_path_or_id).expanduser()
-    if path.is_dir():
-        config = path / component / "config.json"
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(str(model_path_or_id), f"{component}/config.json")
-        except Exception:
-            return None
-        if not isinstance(cached, str):
-            return None
-        config = Path(cached)
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def model_family(model_path_or_id: str | Path) -> Family | None:
@@ -205,20 +184,26 @@ def model_family(model_path_or_id: str | Path) -> Family | None:
 
 
 def _model_index(model_path_or_id: str | Path) -> dict[str, Any] | None:
+    return _model_json(model_path_or_id, "model_index.json")
+
+
+def _model_json(model_path_or_id: str | Path, filename: str) -> dict[str, Any] | None:
+    """A JSON file of a local model directory, or of an HF id already in the local HF cache (never downloads)."""
     path = Path(model_path_or_id).expanduser()
     if path.is_dir():
-        index_file = path / "model_index.json"
+        json_file = path / filename
     else:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(str(model_path_or_id), "model_index.json")
-        except Exception:  # not a valid repo id: no family to find
+            cached = try_to_load_from_cache(str(model_path_or_id), filename)
+        except Exception:  # not a valid repo id: nothing to find
             return None
         if not isinstance(cached, str):
             return None
-        index_file = Path(cached)
+        json_file = Path(cached)
     try:
-        return json.loads(index_file.read_text())
+        data = json.loads(json_file.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
