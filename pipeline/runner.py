@@ -41,10 +41,10 @@ from pipeline.models.diffusers_loader import (
 )
 from pipeline.progress import Progress
 from pipeline.report.bias import write_bias_report
-from pipeline.samplers import ModelTraits, check_sampler, model_family, model_traits
+from pipeline.samplers import ModelTraits, model_family, model_traits
 from pipeline.scoring.alignment import rank_job
 from pipeline.scoring.check import check_scoring
-from pipeline.scoring.policy import plan_regeneration, wants_regeneration
+from pipeline.scoring.policy import most_severe, plan_regeneration, wants_regeneration
 from pipeline.scoring.screen import PromptScreen
 from pipeline.stages.base import Resources, Stage
 from pipeline.stages.generate import DiffusersGenerator
@@ -177,14 +177,10 @@ def check_spec(spec: JobSpec, storage: bool = True) -> tuple[str, ModelTraits]:
     if spec.executor == "ray" and spec.output.startswith("memory://"):
         raise SpecError("output: memory:// lives in one process; use executor: local, a path or an object store")
     family = model_family(resolved) if spec.model.family == "auto" else spec.model.family
-    if family is not None:
-        try:
-            check_sampler(spec.sampler.name, family)
-        except ValueError as exc:
-            raise SpecError(f"sampler.name: {exc}") from None
     traits = model_traits(resolved, family)
     if problems := traits.row_problems(spec.sampler.name, spec.image.width, spec.image.height, None):
-        raise SpecError(f"image.{problems[0]}")
+        field, _, reason = problems[0].partition(":")  # the row field, named as the spec key that sets it
+        raise SpecError(f"{'sampler.name' if field == 'sampler' else 'image.' + field}:{reason}")
     return resolved, traits
 
 
@@ -348,15 +344,14 @@ class _Planner:
         """A done item (or a regeneration try of it) whose prompt the screen now blocks or holds — a rule added
         since it was made: ``old`` with the screen's new findings and the stricter decision, with the key its
         image had. Only findings of rules and classifier scores count: a screen that errors now says nothing."""
-        new = [r for r in _screen_findings(planned) if _finding_key(r) not in {_finding_key(o) for o in old.reasons}]
+        seen = {_finding_key(r) for r in old.reasons}
+        new = [r for r in _screen_findings(planned) if _finding_key(r) not in seen]
         if not new:
             return None
         self.summary_counts["rerouted_now"] += 1
         old_key = image_key(old)
         old.reasons.extend(new)
-        decision = "block" if planned.status == "blocked" else "review"
-        if _DECISION_RANK[decision] > _DECISION_RANK[old.decision]:
-            old.decision = decision
+        old.decision = most_severe([old.decision or "pass", "block" if planned.status == "blocked" else "review"])
         return old, old_key
 
     def _record_changes(self, changed: list[tuple[Item, str | None]], rejected: list[Item]) -> None:
@@ -372,7 +367,8 @@ class _Planner:
             if new_key != old_key and self.storage.exists(old_key):
                 self.storage.write_atomic(new_key, self.storage.read(old_key))
                 copied.append(old_key)
-            if self.storage.exists(new_key):
+                item.image_uri = self.storage.url(new_key)
+            elif self.storage.exists(new_key):  # copied there by an earlier, interrupted run
                 item.image_uri = self.storage.url(new_key)
             else:  # removed by hand: the record keeps no image it cannot point at
                 item.image_uri = item.image_sha256 = None
@@ -731,9 +727,6 @@ def _write_summary(storage: Storage, summary: RunSummary) -> None:
         storage.write_atomic("summary.md", f"# Run summary\n\n```\n{summary.render()}\n```\n".encode())
     except Exception as exc:  # the summary is a convenience copy; the DB row is the record
         print(f"genpipe: warning: could not write the run summary: {exc}", file=sys.stderr)
-
-
-_DECISION_RANK = {None: 0, "pass": 0, "review": 1, "block": 2}
 
 
 def _screen_findings(item: Item) -> list[dict[str, Any]]:
