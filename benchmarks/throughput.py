@@ -242,7 +242,7 @@ def warm_up(cfg: Config) -> dict[str, float]:
     import torch
     import transformers
 
-    # Loading bars off for both sides alike (genpipe's own loader leaves them on): they only clutter the log.
+    # Loading bars off for the bare loop's loads too (genpipe's loader turns them off while it loads): log clutter.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 

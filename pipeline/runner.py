@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.audit import AuditStore, write_chain_anchor
 from pipeline.audit.lease import JobLease
 from pipeline.audit.records import write_results_parquet
-from pipeline.audit.store import EmptyAuditDatabase, sqlite_file, sqlite_in_memory
+from pipeline.audit.store import OUTPUT_STATUSES, EmptyAuditDatabase, sqlite_file, sqlite_in_memory
 from pipeline.errors import JobFailed, SpecError
 from pipeline.executors.shards import SHARD_SUFFIX, iter_batches, shard_batches, shard_rows, write_shard
 from pipeline.manifest import ManifestPlanner, read_rows
@@ -321,7 +321,7 @@ class _Planner:
         new_at = {(it.prompt_id, it.sample_index): it.item_id for it in chunk if it.status != "rejected"}
         out: list[tuple[Item, str | None]] = []
         for old in self.store.get_items(wanted).values():
-            if old.status not in ("generated", "blocked", "failed"):
+            if old.status not in OUTPUT_STATUSES:
                 continue
             root = old.metadata.get("attempt_of", old.item_id) if old.attempt > 1 else old.item_id
             if old.item_id not in planned and root not in planned:

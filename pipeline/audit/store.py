@@ -97,6 +97,9 @@ def _python_type(column: Any) -> type | None:
 #: (an ``int`` guidance scale comes back from the database as a ``float``).
 _COERCE: dict[str, type] = {name: t for name in _SCALAR_FIELDS if (t := _python_type(_items.c[name])) is not None}
 
+#: The statuses of records that say what became of a planned item (an image made, or not); ``rejected`` records
+#: belong to manifest positions instead.
+OUTPUT_STATUSES = ("generated", "blocked", "failed")
 _IN_CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
 _WRITE_TRIES = 8  # with the backoff below: ~5 s of retrying on top of SQLite's own 30 s busy timeout
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -563,7 +566,7 @@ class AuditStore:
         found: list[tuple[str, int]] = []
         with self.engine.connect() as conn:
             for start in range(0, len(prompt_ids), _IN_CHUNK):
-                where = (_items.c.job == job, _items.c.status.in_(("generated", "blocked", "failed")),
+                where = (_items.c.job == job, _items.c.status.in_(OUTPUT_STATUSES),
                          _items.c.prompt_id.in_(prompt_ids[start : start + _IN_CHUNK]))  # fmt: skip
                 found.extend((i, a) for i, a in conn.execute(select(_items.c.item_id, _items.c.attempt).where(*where)))
         return found
@@ -576,9 +579,7 @@ class AuditStore:
 
     def has_outputs(self, job: str) -> bool:
         """Whether ``job`` has any ``generated``, ``blocked`` or ``failed`` record."""
-        query = select(_items.c.item_id).where(
-            _items.c.job == job, _items.c.status.in_(("generated", "blocked", "failed"))
-        )
+        query = select(_items.c.item_id).where(_items.c.job == job, _items.c.status.in_(OUTPUT_STATUSES))
         with self.engine.connect() as conn:
             return conn.execute(query.limit(1)).first() is not None
 

@@ -7,6 +7,7 @@ be in the local HF cache, and a missing one is a ``ModelError`` naming it, not a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +133,28 @@ def check_lora(lora: LoraSpec | dict[str, Any]) -> None:
         raise ModelError(f"LoRA adapter directory {path!r} has no .safetensors file")
 
 
-def _quiet_loading() -> None:
-    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers: genpipe prints
-    one progress line of its own, and a load error one line naming the model."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No loading progress bars or info chatter from diffusers / transformers (genpipe prints one progress line of
+    its own, and a load error one line naming the model); restored after."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
 
 
 def load_pipeline(model: ModelSpec, device: str):
@@ -147,16 +163,16 @@ def load_pipeline(model: ModelSpec, device: str):
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     path = check_model(model)
-    _quiet_loading()
     kwargs = {"revision": model.revision, _dtype_kwarg(): getattr(torch, model.dtype), "use_safetensors": True}
     try:
-        try:
-            pipe = AutoPipelineForText2Image.from_pretrained(path, **kwargs)
-        except ValueError as exc:
-            if "AutoPipeline can't find a pipeline" not in str(exc):
-                raise
-            # A text-to-image pipeline AutoPipeline has no mapping for (community or new classes).
-            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+        with quiet_loading():
+            try:
+                pipe = AutoPipelineForText2Image.from_pretrained(path, **kwargs)
+            except ValueError as exc:
+                if "AutoPipeline can't find a pipeline" not in str(exc):
+                    raise
+                # A text-to-image pipeline AutoPipeline has no mapping for (community or new classes).
+                pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except Exception as exc:  # hub errors are OSErrors; a truncated file or a config that does not fit the weights
         # raise whatever diffusers, safetensors or torch raise: each is a broken model, named on one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -8,14 +8,12 @@ the check naming what is supported.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models.diffusers_loader import ModelError, check_model
+from pipeline.models.diffusers_loader import ModelError, check_model, quiet_loading
 from schemas.spec import ModelSpec
 from schemas.train import TrainSpec
 
@@ -167,26 +165,3 @@ def adapter_bytes(unet, lora_config) -> bytes:
         )
         with open(os.path.join(tmp, ADAPTER_FILE), "rb") as fh:
             return fh.read()
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """No loading progress bars or info chatter from diffusers / transformers on worker logs; restored after."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    levels = (dlog.get_verbosity(), tlog.get_verbosity())
-    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(levels[0])
-        tlog.set_verbosity(levels[1])
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
